@@ -1,0 +1,75 @@
+// CPU building blocks for the row-wise fused reductions: row views of [B, ...] tensors,
+// the fixed chunking that makes results independent of the thread count, and a lane-parallel
+// sum the compiler vectorizes.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+
+namespace sopo::cpu {
+
+// Rows are cut into chunks of this many elements. Partial sums are taken per (row, chunk) and
+// combined in chunk order, so a result never depends on how many threads ran: the same inputs
+// give bit-identical outputs on 1 or 64 threads. 8192 fp32 elements = 32 KiB = one L1.
+constexpr int64_t kChunk = 8192;
+
+// Work below about this many elements stays on the calling thread (a parallel region costs
+// a few microseconds, as much as summing ~30k elements).
+constexpr int64_t kSerialElements = 32768;
+
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// Items of `work` elements each: the grain that keeps small problems serial.
+inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(work, 1)); }
+
+// t ([B, ...]) as a [B, N] view whose rows have unit stride; copies only when the trailing dims
+// are not contiguous within a row. Batch strides are kept (an input expanded along the batch
+// dimension is read in place).
+inline at::Tensor as_rows(const at::Tensor& t, int64_t B, int64_t N) {
+  at::Tensor v = t.reshape({B, N});
+  if (N > 1 && v.stride(1) != 1) v = v.contiguous();
+  return v;
+}
+
+// [B, K, N] view with unit stride along N, copying only when needed.
+inline at::Tensor as_rows3(const at::Tensor& t, int64_t B, int64_t K, int64_t N) {
+  at::Tensor v = t.reshape({B, K, N});
+  if (N > 1 && v.stride(2) != 1) v = v.contiguous();
+  return v;
+}
+
+// NS sums of elem(i) over i in [0, n): elem writes NS values for element i. Each sum keeps
+// kLanes independent accumulators (a blocked summation: lanes run over strided elements and are
+// tree-combined at the end), which lets the compiler vectorize without -ffast-math and keeps
+// the rounding error well below that of one long sequential sum.
+template <int NS, typename acc_t, typename Elem>
+inline std::array<acc_t, NS> lane_sums(int64_t n, const Elem& elem) {
+  constexpr int kLanes = 16;
+  acc_t acc[NS][kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      acc_t v[NS];
+      elem(i + j, v);
+      for (int s = 0; s < NS; ++s) acc[s][j] += v[s];
+    }
+  }
+  for (int j = 0; i < n; ++i, ++j) {  // scalar tail, spread over the lanes
+    acc_t v[NS];
+    elem(i, v);
+    for (int s = 0; s < NS; ++s) acc[s][j] += v[s];
+  }
+  std::array<acc_t, NS> out;
+  for (int s = 0; s < NS; ++s) {
+    for (int w = kLanes / 2; w >= 1; w /= 2)
+      for (int j = 0; j < w; ++j) acc[s][j] += acc[s][j + w];
+    out[s] = acc[s][0];
+  }
+  return out;
+}
+
+}  // namespace sopo::cpu

@@ -1,0 +1,16 @@
+"""sopo_ext: fused ops and a drop-in loss for SoPo fine-tuning of text-to-motion diffusion models.
+
+    import sopo_ext
+    from sopo_ext import functional as SF   # reward_scores, min_cosine_similarity, sopo_loss
+    from sopo_ext import reference          # the same math in plain PyTorch (source of truth)
+    loss_fn = sopo_ext.SoPoLoss(tau=0.45)   # selection + loss, for existing trainers
+"""
+from . import _ops  # noqa: F401  (registers fake kernels and autograd of the custom ops)
+from . import functional, reference
+from .functional import LossStats, RewardScores
+from .loss import SoPoLoss, SoPoSelection
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "reference", "SoPoLoss", "SoPoSelection", "RewardScores", "LossStats",
+           "__version__"]

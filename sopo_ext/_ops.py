@@ -1,0 +1,121 @@
+"""Python side of the custom ops: fake (meta) kernels for torch.compile and autograd.
+
+The schemas and the CPU / CUDA kernels are in csrc/. Importing this module loads the compiled
+library and registers, for every op, a fake kernel (shapes and dtypes only), and autograd:
+- sopo_loss_forward: gradients to pred_w and pred_l through the fused sopo_loss_backward op;
+- reward_scores, min_cosine_similarity: their outputs are constants of the SoPo loss and SoPo
+  never differentiates them, so the fused ops have no fused backward; if a caller does, the
+  gradient is recomputed through sopo_ext.reference (exact, unfused).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _C  # noqa: F401  (loads the operator library)
+from . import reference
+
+ops = torch.ops.sopo_ext
+
+NUM_LOSS_STATS = 5
+"""Columns of the stats tensor sopo_loss_forward returns: d_w, d_l, z, coef_w, coef_l."""
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of the kernels: fp32 for fp16 / bf16, else the dtype itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# ---- fake kernels ---------------------------------------------------------------------------
+
+@torch.library.register_fake("sopo_ext::reward_scores")
+def _reward_scores_fake(text_emb, motion_emb, tau):
+    B, K = motion_emb.shape[0], motion_emb.shape[1]
+    return (
+        text_emb.new_empty((B, K)),
+        text_emb.new_empty((B,), dtype=torch.long),
+        text_emb.new_empty((B,)),
+        text_emb.new_empty((B,), dtype=torch.bool),
+    )
+
+
+@torch.library.register_fake("sopo_ext::min_cosine_similarity")
+def _min_cosine_fake(anchor, candidates, rescale):
+    return anchor.new_empty((anchor.shape[0],))
+
+
+@torch.library.register_fake("sopo_ext::sopo_loss_forward")
+def _loss_forward_fake(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l, beta_w,
+                       valuable, scale, beta, mask_w, mask_l):
+    B = pred_w.shape[0]
+    acc = acc_dtype(pred_w.dtype)
+    return pred_w.new_empty((B,), dtype=acc), pred_w.new_empty((B, NUM_LOSS_STATS), dtype=acc)
+
+
+@torch.library.register_fake("sopo_ext::sopo_loss_backward")
+def _loss_backward_fake(grad_loss, pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats):
+    contiguous = torch.contiguous_format
+    return (torch.empty_like(pred_w, memory_format=contiguous),
+            torch.empty_like(pred_l, memory_format=contiguous))
+
+
+# ---- autograd -------------------------------------------------------------------------------
+
+def _loss_setup_context(ctx, inputs, output):
+    pred_w, _, target_w, pred_l, _, target_l, _, _, _, _, mask_w, mask_l = inputs
+    _, stats = output
+    ctx.save_for_backward(pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats)
+    ctx.mark_non_differentiable(stats)
+
+
+def _loss_backward(ctx, grad_loss, grad_stats):
+    pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats = ctx.saved_tensors
+    grad_w, grad_l = ops.sopo_loss_backward(grad_loss, pred_w, target_w, pred_l, target_l,
+                                            mask_w, mask_l, stats)
+    need = ctx.needs_input_grad
+    return (grad_w if need[0] else None, None, None, grad_l if need[3] else None,
+            None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sopo_ext::sopo_loss_forward", _loss_backward,
+                                setup_context=_loss_setup_context)
+
+
+def _reward_setup_context(ctx, inputs, output):
+    text_emb, motion_emb, tau = inputs
+    ctx.save_for_backward(text_emb, motion_emb)
+    ctx.mark_non_differentiable(output[1], output[3])
+
+
+def _reward_backward(ctx, grad_scores, grad_worst_index, grad_worst_score, grad_valuable):
+    text_emb, motion_emb = ctx.saved_tensors
+    with torch.enable_grad():
+        t = text_emb.detach().requires_grad_()
+        m = motion_emb.detach().requires_grad_()
+        r = reference.reward_scores(t, m)
+        grads = torch.autograd.grad((r.scores, r.worst_score), (t, m),
+                                    (grad_scores, grad_worst_score), allow_unused=True)
+    return grads[0], grads[1], None
+
+
+torch.library.register_autograd("sopo_ext::reward_scores", _reward_backward,
+                                setup_context=_reward_setup_context)
+
+
+def _min_cosine_setup_context(ctx, inputs, output):
+    anchor, candidates, rescale = inputs
+    ctx.save_for_backward(anchor, candidates)
+    ctx.rescale = rescale
+
+
+def _min_cosine_backward(ctx, grad_out):
+    anchor, candidates = ctx.saved_tensors
+    with torch.enable_grad():
+        a = anchor.detach().requires_grad_()
+        c = candidates.detach().requires_grad_()
+        out = reference.min_cosine_similarity(a, c, ctx.rescale)
+        ga, gc = torch.autograd.grad(out, (a, c), grad_out)
+    return ga, gc, None
+
+
+torch.library.register_autograd("sopo_ext::min_cosine_similarity", _min_cosine_backward,
+                                setup_context=_min_cosine_setup_context)
