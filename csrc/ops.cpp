@@ -17,6 +17,14 @@ TORCH_LIBRARY(sopo_ext, m) {
       "sopo_loss_forward(Tensor pred_w, Tensor ref_pred_w, Tensor target_w, Tensor pred_l, "
       "Tensor ref_pred_l, Tensor target_l, Tensor beta_w, Tensor valuable, Tensor scale, "
       "float beta, Tensor? mask_w, Tensor? mask_l) -> (Tensor, Tensor)");
+  // Both at once for a training step: the forward's outputs plus (grad_pred_w, grad_pred_l) for
+  // grad_loss[b] = grad_scale (1 / B under a mean reduction, 1 under a sum), computed while each
+  // row is still in cache. The autograd backward returns them when the incoming gradient is
+  // that constant, and runs sopo_loss_backward otherwise.
+  m.def(
+      "sopo_loss_forward_backward(Tensor pred_w, Tensor ref_pred_w, Tensor target_w, Tensor pred_l, "
+      "Tensor ref_pred_l, Tensor target_l, Tensor beta_w, Tensor valuable, Tensor scale, "
+      "float beta, Tensor? mask_w, Tensor? mask_l, float grad_scale) -> (Tensor, Tensor, Tensor, Tensor)");
   // grad_loss [B] and the forward's stats -> (grad_pred_w, grad_pred_l), one pass.
   m.def(
       "sopo_loss_backward(Tensor grad_loss, Tensor pred_w, Tensor target_w, Tensor pred_l, "
@@ -25,6 +33,6 @@ TORCH_LIBRARY(sopo_ext, m) {
 
 // `import sopo_ext._C` runs the static registrations above; the module itself is empty.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }

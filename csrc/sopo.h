@@ -22,9 +22,11 @@ constexpr double kCosEps = 1e-8;
 // directly, instead of subtracting two separately summed squared errors, avoids the
 // cancellation that makes L(pred) - L(ref) inexact when the policy is close to the reference
 // (at the start of fine-tuning it is exactly the reference and d is exactly 0).
+// The trailing (t - t) is 0 for a finite target and NaN for an infinite one, where the
+// factored form would otherwise hide the reference's inf - inf = NaN.
 template <typename T>
 SOPO_HD T sq_err_diff(T p, T r, T t) {
-  return (p - r) * ((p - t) + (r - t));
+  return (p - r) * ((p - t) + (r - t)) + (t - t);
 }
 
 // d/d pred of the loss for one element, given the per-sample coefficient k of LossRow

@@ -51,6 +51,15 @@ def _loss_forward_fake(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_
     return pred_w.new_empty((B,), dtype=acc), pred_w.new_empty((B, NUM_LOSS_STATS), dtype=acc)
 
 
+@torch.library.register_fake("sopo_ext::sopo_loss_forward_backward")
+def _loss_forward_backward_fake(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l, beta_w,
+                                valuable, scale, beta, mask_w, mask_l, grad_scale):
+    loss, stats = _loss_forward_fake(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l,
+                                     beta_w, valuable, scale, beta, mask_w, mask_l)
+    return loss, stats, *_loss_backward_fake(None, pred_w, target_w, pred_l, target_l, mask_w,
+                                             mask_l, stats)
+
+
 @torch.library.register_fake("sopo_ext::sopo_loss_backward")
 def _loss_backward_fake(grad_loss, pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats):
     contiguous = torch.contiguous_format
@@ -78,6 +87,39 @@ def _loss_backward(ctx, grad_loss, grad_stats):
 
 torch.library.register_autograd("sopo_ext::sopo_loss_forward", _loss_backward,
                                 setup_context=_loss_setup_context)
+
+
+def _tracing(t: torch.Tensor) -> bool:
+    """True while a graph is being traced (dynamo, AOT autograd, make_fx), where a branch on
+    tensor values is impossible."""
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    return (torch.compiler.is_compiling() or get_proxy_mode() is not None
+            or torch._guards.detect_fake_mode((t,)) is not None)
+
+
+def _fused_setup_context(ctx, inputs, output):
+    pred_w, _, target_w, pred_l, _, target_l, _, _, _, _, mask_w, mask_l, grad_scale = inputs
+    _, stats, grad_w, grad_l = output
+    ctx.save_for_backward(pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats, grad_w, grad_l)
+    ctx.mark_non_differentiable(stats, grad_w, grad_l)
+    ctx.grad_scale = grad_scale
+
+
+def _fused_backward(ctx, grad_loss, grad_stats, grad_grad_w, grad_grad_l):
+    pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats, grad_w, grad_l = ctx.saved_tensors
+    # The forward already computed the gradients for grad_loss == grad_scale, which is what a
+    # plain loss.backward() sends; anything else (a weighted loss, gradient scaling) recomputes.
+    if _tracing(grad_loss) or not bool((grad_loss == ctx.grad_scale).all()):
+        grad_w, grad_l = ops.sopo_loss_backward(grad_loss, pred_w, target_w, pred_l, target_l,
+                                                mask_w, mask_l, stats)
+    need = ctx.needs_input_grad
+    return (grad_w if need[0] else None, None, None, grad_l if need[3] else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd("sopo_ext::sopo_loss_forward_backward", _fused_backward,
+                                setup_context=_fused_setup_context)
 
 
 def _reward_setup_context(ctx, inputs, output):

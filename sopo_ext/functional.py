@@ -72,6 +72,13 @@ def min_cosine_similarity(anchor: torch.Tensor, candidates: torch.Tensor, rescal
     return _ops.ops.min_cosine_similarity(anchor, candidates, rescale)
 
 
+def _wants_grad(pred_w: torch.Tensor, pred_l: torch.Tensor) -> bool:
+    # Under torch.compile the backward cannot branch on the incoming gradient's values, so the
+    # compiled graph uses the separate forward and backward ops.
+    return (torch.is_grad_enabled() and (pred_w.requires_grad or pred_l.requires_grad)
+            and not torch.compiler.is_compiling())
+
+
 def sopo_loss_and_stats(
     pred_w: torch.Tensor,
     ref_pred_w: torch.Tensor,
@@ -100,8 +107,15 @@ def sopo_loss_and_stats(
     valuable_t = check_valuable(valuable, pred_w)
     mw = check_mask("mask_w", mask_w, pred_w)
     ml = check_mask("mask_l", mask_l, pred_w)
-    loss, stats = _ops.ops.sopo_loss_forward(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l,
-                                             target_l, beta_w_t, valuable_t, scale_t, beta, mw, ml)
+    args = (pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l, beta_w_t, valuable_t,
+            scale_t, beta, mw, ml)
+    if _wants_grad(pred_w, pred_l):
+        # Training step: the gradients are computed in the forward, while the rows are cached,
+        # for the gradient a plain loss.backward() sends (1 / B per sample under "mean").
+        grad_scale = 1.0 / B if reduction == "mean" else 1.0
+        loss, stats, _, _ = _ops.ops.sopo_loss_forward_backward(*args, grad_scale)
+    else:
+        loss, stats = _ops.ops.sopo_loss_forward(*args)
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":

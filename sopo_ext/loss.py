@@ -91,10 +91,11 @@ class SoPoLoss(nn.Module):
         r = SF.reward_scores(text_emb, generated_emb, tau=self.tau)
         S = SF.min_cosine_similarity(dataset_emb, generated_emb, rescale=True)
         valuable = r.valuable if self.threshold else torch.ones_like(r.valuable)
+        acc = torch.promote_types(S.dtype, torch.float32)  # half -> fp32, fp64 stays fp64
         if self.reweight:
-            beta_w = self.beta * (self.C - S.float())
+            beta_w = self.beta * (self.C - S.to(acc))
         else:
-            beta_w = torch.full_like(S, self.beta, dtype=torch.float32)
+            beta_w = torch.full_like(S, self.beta, dtype=acc)
         return SoPoSelection(r.scores, r.worst_index, r.worst_score, valuable, S, beta_w)
 
     def forward(self, pred_w: torch.Tensor, ref_pred_w: torch.Tensor, target_w: torch.Tensor,

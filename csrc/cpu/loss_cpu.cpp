@@ -1,6 +1,15 @@
-// CPU kernels of the SoPo loss: a forward that reads each of the six inputs (and the masks)
-// once and produces the per-sample loss plus the per-sample coefficients of its gradient, and a
-// backward that writes grad_pred_w / grad_pred_l in one pass over pred, target and mask.
+// CPU kernels of the SoPo loss.
+//
+// - sopo_loss_forward: reads each of the six inputs (and the masks) once and produces the
+//   per-sample loss and the per-sample coefficients of its gradient (6 tensor passes).
+// - sopo_loss_backward: writes grad_pred_w / grad_pred_l in one pass over pred, target and mask
+//   (4 reads + 2 writes).
+// - sopo_loss_forward_backward: both at once for a training step. Each thread owns whole rows:
+//   it sums a row, computes the row's coefficients, then writes the row's gradients while the
+//   row's inputs are still in L2/L3, so memory sees ~6 reads + 2 writes instead of 12 passes.
+//
+// Every path sums the same (row, chunk) partials in the same order and applies the same
+// per-element math, so all three give bit-identical results on any number of threads.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
@@ -17,175 +26,225 @@ namespace {
 // Columns of the per-sample stats tensor the forward returns (see sopo_ext/_ops.py).
 enum StatCol : int64_t { kDw = 0, kDl, kZ, kCoefW, kCoefL, kNumStats };
 
-// A mask as rows in a dtype the kernels read: bool stays bool, other floating masks are
-// converted to the predictions' dtype (so the kernels are instantiated for two mask types).
-std::optional<at::Tensor> mask_rows(const std::optional<at::Tensor>& mask, at::ScalarType dtype,
+// A mask as rows in a dtype the kernels read: bool stays bool, floating masks are converted to
+// the accumulation dtype (fractional fp32 weights must not be rounded to bf16), so the kernels
+// are instantiated for two mask types.
+std::optional<at::Tensor> mask_rows(const std::optional<at::Tensor>& mask, at::ScalarType acc_dtype,
                                     int64_t B, int64_t N) {
   if (!mask.has_value()) return std::nullopt;
   at::Tensor m = *mask;
-  if (m.scalar_type() != at::kBool && m.scalar_type() != dtype) m = m.to(dtype);
+  if (m.scalar_type() != at::kBool && m.scalar_type() != acc_dtype) m = m.to(acc_dtype);
   return as_rows(m, B, N);
 }
 
 // Calls f.template operator()<mask_t, kMasked>() for the mask at hand.
-template <typename scalar_t, typename F>
+template <typename acc_t, typename F>
 void with_mask_type(const std::optional<at::Tensor>& mask, const F& f) {
   if (!mask.has_value()) {
-    f.template operator()<scalar_t, false>();
+    f.template operator()<acc_t, false>();
   } else if (mask->scalar_type() == at::kBool) {
     f.template operator()<bool, true>();
   } else {
-    f.template operator()<scalar_t, true>();
+    f.template operator()<acc_t, true>();
   }
 }
 
-// Per (row, chunk) partial sums of one side (w or l): part[(b * nch + c) * 2 + {0, 1}] =
-// {sum m * sq_err_diff(pred, ref, target), sum m}. Without a mask the second sum is left 0 and
-// the caller uses N.
-template <typename scalar_t, typename acc_t>
-void side_partials(const at::Tensor& pred, const at::Tensor& ref, const at::Tensor& target,
-                   const std::optional<at::Tensor>& mask, int64_t B, int64_t N, acc_t* part) {
-  const int64_t nch = num_chunks(N);
-  with_mask_type<scalar_t>(mask, [&]<typename mask_t, bool kMasked>() {
-    const scalar_t* P = pred.const_data_ptr<scalar_t>();
-    const scalar_t* R = ref.const_data_ptr<scalar_t>();
-    const scalar_t* T = target.const_data_ptr<scalar_t>();
-    const mask_t* M = kMasked ? mask->const_data_ptr<mask_t>() : nullptr;
-    const int64_t sp = pred.stride(0), sr = ref.stride(0), st = target.stride(0);
-    const int64_t sm = kMasked ? mask->stride(0) : 0;
-    at::parallel_for(0, B * nch, grain_for(std::min(N, kChunk)), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / nch, c0 = (item % nch) * kChunk;
-        const int64_t n = std::min(kChunk, N - c0);
-        const scalar_t* p = P + b * sp + c0;
-        const scalar_t* r = R + b * sr + c0;
-        const scalar_t* t = T + b * st + c0;
-        if constexpr (kMasked) {
-          const mask_t* m = M + b * sm + c0;
-          auto s = lane_sums<2, acc_t>(n, [&](int64_t i, acc_t* v) {
-            const acc_t mi = static_cast<acc_t>(m[i]);
-            v[0] = mi * sq_err_diff<acc_t>(p[i], r[i], t[i]);
-            v[1] = mi;
-          });
-          part[item * 2] = s[0];
-          part[item * 2 + 1] = s[1];
-        } else {
-          auto s = lane_sums<1, acc_t>(n, [&](int64_t i, acc_t* v) {
-            v[0] = sq_err_diff<acc_t>(p[i], r[i], t[i]);
-          });
-          part[item * 2] = s[0];
-          part[item * 2 + 1] = acc_t(0);
-        }
-      }
+// Bool masks are read as bytes (0 / 1): the compiler widens uint8 -> float in vector registers,
+// which it does not do for bool loads.
+inline const uint8_t* mask_bits(const bool* m) { return reinterpret_cast<const uint8_t*>(m); }
+template <typename T>
+const T* mask_bits(const T* m) { return m; }
+
+// One side (w or l) of the loss as raw rows: pred, ref, target, mask and the gradient output.
+// ref and grad may be null when a kernel does not use them.
+template <typename scalar_t, typename acc_t, typename mask_t, bool kMasked>
+struct Side {
+  const scalar_t *P = nullptr, *R = nullptr, *T = nullptr;
+  const mask_t* M = nullptr;
+  scalar_t* G = nullptr;
+  int64_t sp = 0, sr = 0, st = 0, sm = 0, N = 0;
+
+  Side(const at::Tensor& pred, const at::Tensor* ref, const at::Tensor& target,
+       const std::optional<at::Tensor>& mask, at::Tensor* grad)
+      : P(pred.const_data_ptr<scalar_t>()), T(target.const_data_ptr<scalar_t>()),
+        sp(pred.stride(0)), st(target.stride(0)), N(pred.size(1)) {
+    if (ref && ref->defined()) R = ref->const_data_ptr<scalar_t>(), sr = ref->stride(0);
+    if constexpr (kMasked) M = mask->const_data_ptr<mask_t>(), sm = mask->stride(0);
+    if (grad) G = grad->mutable_data_ptr<scalar_t>();
+  }
+
+  int64_t chunk_len(int64_t c) const { return std::min(kChunk, N - c * kChunk); }
+
+  // {sum m * sq_err_diff(pred, ref, target), sum m} over chunk c of row b (sum m = 0 unmasked).
+  SOPO_CPU_CLONES std::array<acc_t, 2> chunk_sums(int64_t b, int64_t c) const {
+    const int64_t c0 = c * kChunk, n = chunk_len(c);
+    const scalar_t* p = P + b * sp + c0;
+    const scalar_t* r = R + b * sr + c0;
+    const scalar_t* t = T + b * st + c0;
+    if constexpr (kMasked) {
+      const auto* m = mask_bits(M + b * sm + c0);
+      return lane_sums<2, acc_t>(n, [&](int64_t i, acc_t* v) {
+        const acc_t mi = static_cast<acc_t>(m[i]);
+        v[0] = mi * sq_err_diff<acc_t>(p[i], r[i], t[i]);
+        v[1] = mi;
+      });
+    } else {
+      const auto s = lane_sums<1, acc_t>(
+          n, [&](int64_t i, acc_t* v) { v[0] = sq_err_diff<acc_t>(p[i], r[i], t[i]); });
+      return {s[0], acc_t(0)};
+    }
+  }
+
+  // grad[b, chunk c] = k * m * (pred - target). __restrict: the output never aliases an input
+  // (it is freshly allocated), which lets the compiler vectorize without runtime alias checks.
+  SOPO_CPU_CLONES void chunk_grad(int64_t b, int64_t c, acc_t k) const {
+    const int64_t c0 = c * kChunk, n = chunk_len(c);
+    const scalar_t* __restrict p = P + b * sp + c0;
+    const scalar_t* __restrict t = T + b * st + c0;
+    scalar_t* __restrict g = G + b * N + c0;
+    if constexpr (kMasked) {
+      const auto* __restrict m = mask_bits(M + b * sm + c0);
+      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(grad_elem<acc_t>(k, m[i], p[i], t[i]));
+    } else {
+      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(grad_elem<acc_t>(k, p[i], t[i]));
+    }
+  }
+};
+
+// Sums chunk partials {S, M} of one row in chunk order; M = N without a mask. Rejects a row
+// whose mask has no valid element.
+template <typename acc_t>
+std::array<acc_t, 2> row_total(const std::array<acc_t, 2>* part, int64_t nch, int64_t N, int64_t b,
+                               bool masked, const char* mask_name) {
+  acc_t s = 0, m = 0;
+  for (int64_t c = 0; c < nch; ++c) s += part[c][0], m += part[c][1];
+  if (!masked) return {s, static_cast<acc_t>(N)};
+  TORCH_CHECK_VALUE(!(m <= acc_t(0)), mask_name, ": row ", b, " has no valid element (its mask sums to ",
+                    m, "); every sample needs at least one unmasked element");
+  return {s, m};
+}
+
+// The loss inputs prepared once for a kernel: [B, N] rows, masks in a kernel dtype. The
+// reference predictions are left undefined for the backward, which does not read them.
+struct LossRows {
+  int64_t B, N;
+  at::ScalarType dtype, acc_dtype;
+  at::Tensor pw, rw, tw, pl, rl, tl;
+  std::optional<at::Tensor> mw, ml;
+
+  LossRows(const at::Tensor& pred_w, const at::Tensor& ref_pred_w, const at::Tensor& target_w,
+           const at::Tensor& pred_l, const at::Tensor& ref_pred_l, const at::Tensor& target_l,
+           const std::optional<at::Tensor>& mask_w, const std::optional<at::Tensor>& mask_l)
+      : B(pred_w.size(0)), N(pred_w.numel() / pred_w.size(0)), dtype(pred_w.scalar_type()),
+        acc_dtype(at::toOpMathType(pred_w.scalar_type())) {
+    pw = as_rows(pred_w, B, N), tw = as_rows(target_w, B, N);
+    pl = as_rows(pred_l, B, N), tl = as_rows(target_l, B, N);
+    if (ref_pred_w.defined()) rw = as_rows(ref_pred_w, B, N), rl = as_rows(ref_pred_l, B, N);
+    mw = mask_rows(mask_w, acc_dtype, B, N), ml = mask_rows(mask_l, acc_dtype, B, N);
+  }
+};
+
+// The per-sample factors of z, in the accumulation dtype.
+struct RowFactors {
+  at::Tensor beta_w, valuable, scale;
+  double beta;
+  RowFactors(const at::Tensor& beta_w_, const at::Tensor& valuable_, const at::Tensor& scale_,
+             double beta_, at::ScalarType acc_dtype)
+      : beta_w(beta_w_.to(acc_dtype).contiguous()), valuable(valuable_.contiguous()),
+        scale(scale_.to(acc_dtype).contiguous()), beta(beta_) {}
+};
+
+// Row b's LossRow from its chunk partials; writes the loss and the stats row.
+template <typename acc_t>
+LossRow<acc_t> finish_row(const LossRows& a, const RowFactors& f, int64_t b,
+                          const std::array<acc_t, 2>* part_w, const std::array<acc_t, 2>* part_l,
+                          int64_t nch, acc_t* loss, acc_t* stats) {
+  const auto sw = row_total(part_w, nch, a.N, b, a.mw.has_value(), "mask_w");
+  const auto sl = row_total(part_l, nch, a.N, b, a.ml.has_value(), "mask_l");
+  const LossRow<acc_t> r = loss_row<acc_t>(
+      sw[0], sw[1], sl[0], sl[1], f.beta_w.const_data_ptr<acc_t>()[b],
+      f.valuable.const_data_ptr<bool>()[b] ? acc_t(1) : acc_t(0), acc_t(f.beta),
+      f.scale.const_data_ptr<acc_t>()[b]);
+  acc_t* row = stats + b * kNumStats;
+  row[kDw] = r.d_w, row[kDl] = r.d_l, row[kZ] = r.z, row[kCoefW] = r.coef_w, row[kCoefL] = r.coef_l;
+  loss[b] = r.loss;
+  return r;
+}
+
+// Dispatches f.template operator()<scalar_t, acc_t, SideW, SideL>() over the dtype and both
+// masks' types.
+template <typename F>
+void dispatch_loss(const LossRows& a, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.dtype, "sopo_loss_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_mask_type<acc_t>(a.mw, [&]<typename mask_w_t, bool kMaskedW>() {
+      with_mask_type<acc_t>(a.ml, [&]<typename mask_l_t, bool kMaskedL>() {
+        f.template operator()<scalar_t, acc_t, Side<scalar_t, acc_t, mask_w_t, kMaskedW>,
+                              Side<scalar_t, acc_t, mask_l_t, kMaskedL>>();
+      });
     });
   });
 }
 
-// Combines the chunk partials of row b in chunk order: {S, M}.
-template <typename acc_t>
-std::array<acc_t, 2> row_total(const acc_t* part, int64_t b, int64_t nch, int64_t N, bool masked,
-                               const char* mask_name) {
-  acc_t s = 0, m = 0;
-  for (int64_t c = 0; c < nch; ++c) {
-    s += part[(b * nch + c) * 2];
-    m += part[(b * nch + c) * 2 + 1];
-  }
-  if (!masked) return {s, static_cast<acc_t>(N)};
-  TORCH_CHECK_VALUE(!(m <= acc_t(0)), mask_name, ": row ", b,
-                    " has no valid element (its mask sums to ", m, "); every sample needs at "
-                    "least one unmasked element");
-  return {s, m};
+using Outputs = std::tuple<at::Tensor, at::Tensor>;
+
+// The chunk-parallel forward: partials of every (row, chunk) in parallel, then rows in order.
+template <typename acc_t, typename SideW, typename SideL>
+void forward_chunked(const LossRows& a, const RowFactors& f, const SideW& W, const SideL& L,
+                     acc_t* loss, acc_t* stats) {
+  const int64_t nch = num_chunks(a.N);
+  std::vector<std::array<acc_t, 2>> part_w(a.B * nch), part_l(a.B * nch);
+  at::parallel_for(0, a.B * nch, grain_for(std::min(a.N, kChunk)), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      part_w[item] = W.chunk_sums(item / nch, item % nch);
+      part_l[item] = L.chunk_sums(item / nch, item % nch);
+    }
+  });
+  for (int64_t b = 0; b < a.B; ++b)
+    finish_row<acc_t>(a, f, b, part_w.data() + b * nch, part_l.data() + b * nch, nch, loss, stats);
 }
 
-std::tuple<at::Tensor, at::Tensor> sopo_loss_forward_cpu(
-    const at::Tensor& pred_w, const at::Tensor& ref_pred_w, const at::Tensor& target_w,
-    const at::Tensor& pred_l, const at::Tensor& ref_pred_l, const at::Tensor& target_l,
-    const at::Tensor& beta_w, const at::Tensor& valuable, const at::Tensor& scale, double beta,
-    const std::optional<at::Tensor>& mask_w, const std::optional<at::Tensor>& mask_l) {
+// The chunk-parallel backward: k_w[b], k_l[b] are grad_loss[b] * coef.
+template <typename acc_t, typename SideW, typename SideL>
+void backward_chunked(int64_t B, int64_t N, const SideW& W, const SideL& L, const acc_t* k_w,
+                      const acc_t* k_l) {
+  const int64_t nch = num_chunks(N);
+  at::parallel_for(0, B * nch, grain_for(std::min(N, kChunk)), [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / nch, c = item % nch;
+      W.chunk_grad(b, c, k_w[b]);
+      L.chunk_grad(b, c, k_l[b]);
+    }
+  });
+}
+
+Outputs sopo_loss_forward_cpu(const at::Tensor& pred_w, const at::Tensor& ref_pred_w,
+                              const at::Tensor& target_w, const at::Tensor& pred_l,
+                              const at::Tensor& ref_pred_l, const at::Tensor& target_l,
+                              const at::Tensor& beta_w, const at::Tensor& valuable,
+                              const at::Tensor& scale, double beta,
+                              const std::optional<at::Tensor>& mask_w,
+                              const std::optional<at::Tensor>& mask_l) {
   check_loss_inputs(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l, beta_w, valuable,
                     scale, mask_w, mask_l);
-  const int64_t B = pred_w.size(0);
-  const int64_t N = pred_w.numel() / B;
-  const auto dtype = pred_w.scalar_type();
-  const at::Tensor pw = as_rows(pred_w, B, N), rw = as_rows(ref_pred_w, B, N),
-                   tw = as_rows(target_w, B, N), pl = as_rows(pred_l, B, N),
-                   rl = as_rows(ref_pred_l, B, N), tl = as_rows(target_l, B, N);
-  const auto mw = mask_rows(mask_w, dtype, B, N), ml = mask_rows(mask_l, dtype, B, N);
-
-  const auto acc_dtype = at::toOpMathType(dtype);
+  const LossRows a(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l, mask_w, mask_l);
+  const RowFactors f(beta_w, valuable, scale, beta, a.acc_dtype);
   // The per-sample loss stays in the accumulation dtype so that the mean / sum over the batch
   // is taken before the one rounding to a half dtype, as in the reference.
-  at::Tensor loss = at::empty({B}, pred_w.options().dtype(acc_dtype));
-  at::Tensor stats = at::empty({B, kNumStats}, pred_w.options().dtype(acc_dtype));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sopo_loss_forward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const int64_t nch = num_chunks(N);
-    std::vector<acc_t> part_w(B * nch * 2), part_l(B * nch * 2);
-    side_partials<scalar_t, acc_t>(pw, rw, tw, mw, B, N, part_w.data());
-    side_partials<scalar_t, acc_t>(pl, rl, tl, ml, B, N, part_l.data());
-
-    const at::Tensor bw = beta_w.to(acc_dtype).contiguous(), sc = scale.to(acc_dtype).contiguous(),
-                     v = valuable.contiguous();
-    const acc_t* bw_p = bw.const_data_ptr<acc_t>();
-    const acc_t* sc_p = sc.const_data_ptr<acc_t>();
-    const bool* v_p = v.const_data_ptr<bool>();
-    acc_t* st = stats.mutable_data_ptr<acc_t>();
-    acc_t* lo = loss.mutable_data_ptr<acc_t>();
-    for (int64_t b = 0; b < B; ++b) {
-      const auto sw = row_total(part_w.data(), b, nch, N, mw.has_value(), "mask_w");
-      const auto sl = row_total(part_l.data(), b, nch, N, ml.has_value(), "mask_l");
-      const LossRow<acc_t> r = loss_row<acc_t>(sw[0], sw[1], sl[0], sl[1], bw_p[b],
-                                               v_p[b] ? acc_t(1) : acc_t(0), acc_t(beta), sc_p[b]);
-      acc_t* row = st + b * kNumStats;
-      row[kDw] = r.d_w;
-      row[kDl] = r.d_l;
-      row[kZ] = r.z;
-      row[kCoefW] = r.coef_w;
-      row[kCoefL] = r.coef_l;
-      lo[b] = r.loss;
-    }
+  at::Tensor loss = at::empty({a.B}, pred_w.options().dtype(a.acc_dtype));
+  at::Tensor stats = at::empty({a.B, kNumStats}, pred_w.options().dtype(a.acc_dtype));
+  dispatch_loss(a, [&]<typename scalar_t, typename acc_t, typename SW, typename SL>() {
+    const SW W(a.pw, &a.rw, a.tw, a.mw, nullptr);
+    const SL L(a.pl, &a.rl, a.tl, a.ml, nullptr);
+    forward_chunked<acc_t>(a, f, W, L, loss.mutable_data_ptr<acc_t>(), stats.mutable_data_ptr<acc_t>());
   });
   return {loss, stats};
 }
 
-// grad[b, i] = coef[b] * mask[b, i] * (pred[b, i] - target[b, i]) for one side.
-template <typename scalar_t, typename acc_t>
-void side_grad(const at::Tensor& pred, const at::Tensor& target,
-               const std::optional<at::Tensor>& mask, const std::vector<acc_t>& coef, int64_t B,
-               int64_t N, at::Tensor& grad) {
-  const int64_t nch = num_chunks(N);
-  with_mask_type<scalar_t>(mask, [&]<typename mask_t, bool kMasked>() {
-    const scalar_t* P = pred.const_data_ptr<scalar_t>();
-    const scalar_t* T = target.const_data_ptr<scalar_t>();
-    const mask_t* M = kMasked ? mask->const_data_ptr<mask_t>() : nullptr;
-    scalar_t* G = grad.mutable_data_ptr<scalar_t>();
-    const int64_t sp = pred.stride(0), st = target.stride(0);
-    const int64_t sm = kMasked ? mask->stride(0) : 0;
-    at::parallel_for(0, B * nch, grain_for(std::min(N, kChunk)), [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t b = item / nch, c0 = (item % nch) * kChunk;
-        const int64_t n = std::min(kChunk, N - c0);
-        const scalar_t* p = P + b * sp + c0;
-        const scalar_t* t = T + b * st + c0;
-        scalar_t* g = G + b * N + c0;
-        const acc_t k = coef[b];
-        if constexpr (kMasked) {
-          const mask_t* m = M + b * sm + c0;
-          for (int64_t i = 0; i < n; ++i)
-            g[i] = static_cast<scalar_t>(grad_elem<acc_t>(k, m[i], p[i], t[i]));
-        } else {
-          for (int64_t i = 0; i < n; ++i)
-            g[i] = static_cast<scalar_t>(grad_elem<acc_t>(k, p[i], t[i]));
-        }
-      }
-    });
-  });
-}
-
-std::tuple<at::Tensor, at::Tensor> sopo_loss_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& pred_w, const at::Tensor& target_w,
-    const at::Tensor& pred_l, const at::Tensor& target_l, const std::optional<at::Tensor>& mask_w,
-    const std::optional<at::Tensor>& mask_l, const at::Tensor& stats) {
+Outputs sopo_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& pred_w,
+                               const at::Tensor& target_w, const at::Tensor& pred_l,
+                               const at::Tensor& target_l, const std::optional<at::Tensor>& mask_w,
+                               const std::optional<at::Tensor>& mask_l, const at::Tensor& stats) {
   check_floating(pred_w, "pred_w");
   check_batch(pred_w, "pred_w");
   check_like(target_w, "target_w", pred_w, "pred_w");
@@ -194,36 +253,75 @@ std::tuple<at::Tensor, at::Tensor> sopo_loss_backward_cpu(
   check_mask(mask_w, "mask_w", pred_w);
   check_mask(mask_l, "mask_l", pred_w);
   check_per_sample(grad_loss, "grad_loss", pred_w);
-  const int64_t B = pred_w.size(0);
-  const int64_t N = pred_w.numel() / B;
-  const auto dtype = pred_w.scalar_type();
-  const auto acc_dtype = at::toOpMathType(dtype);
+  const int64_t B = pred_w.size(0), N = pred_w.numel() / B;
+  const auto dtype = pred_w.scalar_type(), acc_dtype = at::toOpMathType(dtype);
   TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == kNumStats &&
                         stats.scalar_type() == acc_dtype,
                     "stats must be the [B, ", int64_t(kNumStats), "] ", acc_dtype,
-                    " tensor returned by sopo_loss_forward, got ", stats.sizes(), " ",
-                    stats.scalar_type());
-
-  const at::Tensor pw = as_rows(pred_w, B, N), tw = as_rows(target_w, B, N),
-                   pl = as_rows(pred_l, B, N), tl = as_rows(target_l, B, N);
-  const auto mw = mask_rows(mask_w, dtype, B, N), ml = mask_rows(mask_l, dtype, B, N);
-  at::Tensor grad_w = at::empty_like(pred_w, at::MemoryFormat::Contiguous);
-  at::Tensor grad_l = at::empty_like(pred_l, at::MemoryFormat::Contiguous);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sopo_loss_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const at::Tensor g = grad_loss.to(acc_dtype).contiguous();
-    const at::Tensor s = stats.contiguous();
-    const acc_t* g_p = g.const_data_ptr<acc_t>();
-    const acc_t* s_p = s.const_data_ptr<acc_t>();
-    std::vector<acc_t> coef_w(B), coef_l(B);
+                    " tensor returned by sopo_loss_forward, got ", stats.sizes(), " ", stats.scalar_type());
+  // Only the predictions, targets and masks are read; the rest is folded into stats.
+  const LossRows a(pred_w, at::Tensor(), target_w, pred_l, at::Tensor(), target_l, mask_w, mask_l);
+  at::Tensor grad_w = at::empty(pred_w.sizes(), pred_w.options());
+  at::Tensor grad_l = at::empty(pred_l.sizes(), pred_l.options());
+  dispatch_loss(a, [&]<typename scalar_t, typename acc_t, typename SW, typename SL>() {
+    const at::Tensor g = grad_loss.to(acc_dtype).contiguous(), s = stats.contiguous();
+    std::vector<acc_t> k_w(B), k_l(B);
     for (int64_t b = 0; b < B; ++b) {
-      coef_w[b] = g_p[b] * s_p[b * kNumStats + kCoefW];
-      coef_l[b] = g_p[b] * s_p[b * kNumStats + kCoefL];
+      k_w[b] = g.const_data_ptr<acc_t>()[b] * s.const_data_ptr<acc_t>()[b * kNumStats + kCoefW];
+      k_l[b] = g.const_data_ptr<acc_t>()[b] * s.const_data_ptr<acc_t>()[b * kNumStats + kCoefL];
     }
-    side_grad<scalar_t, acc_t>(pw, tw, mw, coef_w, B, N, grad_w);
-    side_grad<scalar_t, acc_t>(pl, tl, ml, coef_l, B, N, grad_l);
+    const SW W(a.pw, nullptr, a.tw, a.mw, &grad_w);
+    const SL L(a.pl, nullptr, a.tl, a.ml, &grad_l);
+    backward_chunked<acc_t>(B, N, W, L, k_w.data(), k_l.data());
   });
   return {grad_w, grad_l};
+}
+
+// Forward and backward in one call, for grad_loss[b] = grad_scale (1 / B for a mean, 1 for a
+// sum). With at least kRowsPerThread rows per thread, each thread takes whole rows and writes
+// a row's gradient right after summing it (the row is still cached); with fewer rows that would
+// leave threads idle, so the chunk-parallel forward and backward run instead.
+constexpr int64_t kRowsPerThread = 4;
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sopo_loss_forward_backward_cpu(
+    const at::Tensor& pred_w, const at::Tensor& ref_pred_w, const at::Tensor& target_w,
+    const at::Tensor& pred_l, const at::Tensor& ref_pred_l, const at::Tensor& target_l,
+    const at::Tensor& beta_w, const at::Tensor& valuable, const at::Tensor& scale, double beta,
+    const std::optional<at::Tensor>& mask_w, const std::optional<at::Tensor>& mask_l,
+    double grad_scale) {
+  check_loss_inputs(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l, beta_w, valuable,
+                    scale, mask_w, mask_l);
+  const LossRows a(pred_w, ref_pred_w, target_w, pred_l, ref_pred_l, target_l, mask_w, mask_l);
+  const RowFactors f(beta_w, valuable, scale, beta, a.acc_dtype);
+  const int64_t B = a.B, N = a.N, nch = num_chunks(N);
+  at::Tensor loss = at::empty({B}, pred_w.options().dtype(a.acc_dtype));
+  at::Tensor stats = at::empty({B, kNumStats}, pred_w.options().dtype(a.acc_dtype));
+  at::Tensor grad_w = at::empty(pred_w.sizes(), pred_w.options());
+  at::Tensor grad_l = at::empty(pred_l.sizes(), pred_l.options());
+  dispatch_loss(a, [&]<typename scalar_t, typename acc_t, typename SW, typename SL>() {
+    const SW W(a.pw, &a.rw, a.tw, a.mw, &grad_w);
+    const SL L(a.pl, &a.rl, a.tl, a.ml, &grad_l);
+    acc_t* lo = loss.mutable_data_ptr<acc_t>();
+    acc_t* st = stats.mutable_data_ptr<acc_t>();
+    const acc_t g = static_cast<acc_t>(grad_scale);
+    if (B >= kRowsPerThread * at::get_num_threads() || B * N <= kSerialElements) {
+      at::parallel_for(0, B, grain_for(N), [&](int64_t begin, int64_t end) {
+        std::vector<std::array<acc_t, 2>> part_w(nch), part_l(nch);
+        for (int64_t b = begin; b < end; ++b) {
+          for (int64_t c = 0; c < nch; ++c) part_w[c] = W.chunk_sums(b, c), part_l[c] = L.chunk_sums(b, c);
+          const LossRow<acc_t> r = finish_row<acc_t>(a, f, b, part_w.data(), part_l.data(), nch, lo, st);
+          const acc_t k_w = g * r.coef_w, k_l = g * r.coef_l;
+          for (int64_t c = 0; c < nch; ++c) W.chunk_grad(b, c, k_w), L.chunk_grad(b, c, k_l);
+        }
+      });
+    } else {
+      forward_chunked<acc_t>(a, f, W, L, lo, st);
+      std::vector<acc_t> k_w(B), k_l(B);
+      for (int64_t b = 0; b < B; ++b) k_w[b] = g * st[b * kNumStats + kCoefW], k_l[b] = g * st[b * kNumStats + kCoefL];
+      backward_chunked<acc_t>(B, N, W, L, k_w.data(), k_l.data());
+    }
+  });
+  return {loss, stats, grad_w, grad_l};
 }
 
 }  // namespace
@@ -231,6 +329,7 @@ std::tuple<at::Tensor, at::Tensor> sopo_loss_backward_cpu(
 TORCH_LIBRARY_IMPL(sopo_ext, CPU, m) {
   m.impl("sopo_loss_forward", &sopo_loss_forward_cpu);
   m.impl("sopo_loss_backward", &sopo_loss_backward_cpu);
+  m.impl("sopo_loss_forward_backward", &sopo_loss_forward_backward_cpu);
 }
 
 }  // namespace sopo::cpu

@@ -10,6 +10,15 @@
 #include <array>
 #include <cstdint>
 
+// The hot per-chunk loops are compiled twice on x86-64, for AVX2 and for the baseline, and the
+// loader picks one per machine (GCC / clang function multi-versioning). A source build cannot
+// assume -march=native: the wheel may be built on one machine and run on another.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SOPO_NO_CPU_CLONES)
+#define SOPO_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define SOPO_CPU_CLONES
+#endif
+
 namespace sopo::cpu {
 
 // Rows are cut into chunks of this many elements. Partial sums are taken per (row, chunk) and

@@ -16,7 +16,7 @@ namespace {
 
 // {a.a, a.b, b.b} over n elements.
 template <typename scalar_t, typename acc_t>
-std::array<acc_t, 3> dot3(const scalar_t* a, const scalar_t* b, int64_t n) {
+SOPO_CPU_CLONES std::array<acc_t, 3> dot3(const scalar_t* a, const scalar_t* b, int64_t n) {
   return lane_sums<3, acc_t>(n, [&](int64_t i, acc_t* v) {
     const acc_t x = static_cast<acc_t>(a[i]), y = static_cast<acc_t>(b[i]);
     v[0] = x * x;
