@@ -74,10 +74,13 @@ def _loss_setup_context(ctx, inputs, output):
     _, stats = output
     ctx.save_for_backward(pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats)
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)
 
 
 def _loss_backward(ctx, grad_loss, grad_stats):
     pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 12
     grad_w, grad_l = ops.sopo_loss_backward(grad_loss, pred_w, target_w, pred_l, target_l,
                                             mask_w, mask_l, stats)
     need = ctx.needs_input_grad
@@ -103,11 +106,17 @@ def _fused_setup_context(ctx, inputs, output):
     _, stats, grad_w, grad_l = output
     ctx.save_for_backward(pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats, grad_w, grad_l)
     ctx.mark_non_differentiable(stats, grad_w, grad_l)
+    # Otherwise autograd hands backward a zero-filled tensor for each unused output, and
+    # allocating and zeroing the two [B, N] "gradients of the gradients" costs as much as the
+    # whole backward pass.
+    ctx.set_materialize_grads(False)
     ctx.grad_scale = grad_scale
 
 
 def _fused_backward(ctx, grad_loss, grad_stats, grad_grad_w, grad_grad_l):
     pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats, grad_w, grad_l = ctx.saved_tensors
+    if grad_loss is None:  # the loss did not reach the output that was differentiated
+        return (None,) * 13
     # The forward already computed the gradients for grad_loss == grad_scale, which is what a
     # plain loss.backward() sends; anything else (a weighted loss, gradient scaling) recomputes.
     if _tracing(grad_loss) or not bool((grad_loss == ctx.grad_scale).all()):

@@ -101,12 +101,11 @@ struct Side {
     const int64_t c0 = c * kChunk, n = chunk_len(c);
     const scalar_t* __restrict p = P + b * sp + c0;
     const scalar_t* __restrict t = T + b * st + c0;
-    scalar_t* __restrict g = G + b * N + c0;
     if constexpr (kMasked) {
       const auto* __restrict m = mask_bits(M + b * sm + c0);
-      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(grad_elem<acc_t>(k, m[i], p[i], t[i]));
+      stream_out(G + b * N + c0, n, [&](int64_t i) { return static_cast<scalar_t>(grad_elem<acc_t>(k, m[i], p[i], t[i])); });
     } else {
-      for (int64_t i = 0; i < n; ++i) g[i] = static_cast<scalar_t>(grad_elem<acc_t>(k, p[i], t[i]));
+      stream_out(G + b * N + c0, n, [&](int64_t i) { return static_cast<scalar_t>(grad_elem<acc_t>(k, p[i], t[i])); });
     }
   }
 };

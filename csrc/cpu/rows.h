@@ -9,6 +9,11 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstring>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 // The hot per-chunk loops are compiled twice on x86-64, for AVX2 and for the baseline, and the
 // loader picks one per machine (GCC / clang function multi-versioning). A source build cannot
@@ -79,6 +84,28 @@ inline std::array<acc_t, NS> lane_sums(int64_t n, const Elem& elem) {
     out[s] = acc[s][0];
   }
   return out;
+}
+
+// out[i] = elem(i) for i in [0, n), written with non-temporal (streaming) stores a cache line at
+// a time. The gradients are large, freshly allocated and not read again by this kernel: plain
+// stores would first read every destination line from memory (read-for-ownership) and evict
+// the inputs the kernel is still reading.
+template <typename T, typename Elem>
+inline void stream_out(T* __restrict out, int64_t n, const Elem& elem) {
+  int64_t i = 0;
+#if defined(__SSE2__)
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = elem(i);
+  for (; i + kLine <= n; i += kLine) {
+    alignas(64) T line[kLine];
+    for (int64_t j = 0; j < kLine; ++j) line[j] = elem(i + j);
+    const __m128i* src = reinterpret_cast<const __m128i*>(line);
+    __m128i* dst = reinterpret_cast<__m128i*>(out + i);
+    for (int q = 0; q < 4; ++q) _mm_stream_si128(dst + q, _mm_load_si128(src + q));
+  }
+  _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+#endif
+  for (; i < n; ++i) out[i] = elem(i);
 }
 
 }  // namespace sopo::cpu
