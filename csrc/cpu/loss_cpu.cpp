@@ -103,9 +103,9 @@ struct Side {
     const scalar_t* __restrict t = T + b * st + c0;
     if constexpr (kMasked) {
       const auto* __restrict m = mask_bits(M + b * sm + c0);
-      stream_out(G + b * N + c0, n, [&](int64_t i) { return static_cast<scalar_t>(grad_elem<acc_t>(k, m[i], p[i], t[i])); });
+      stream_out(G + b * N + c0, n, [&](int64_t i) { return grad_elem<acc_t>(k, m[i], p[i], t[i]); });
     } else {
-      stream_out(G + b * N + c0, n, [&](int64_t i) { return static_cast<scalar_t>(grad_elem<acc_t>(k, p[i], t[i])); });
+      stream_out(G + b * N + c0, n, [&](int64_t i) { return grad_elem<acc_t>(k, p[i], t[i]); });
     }
   }
 };
@@ -310,7 +310,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sopo_loss_forward_bac
           for (int64_t c = 0; c < nch; ++c) part_w[c] = W.chunk_sums(b, c), part_l[c] = L.chunk_sums(b, c);
           const LossRow<acc_t> r = finish_row<acc_t>(a, f, b, part_w.data(), part_l.data(), nch, lo, st);
           const acc_t k_w = g * r.coef_w, k_l = g * r.coef_l;
-          for (int64_t c = 0; c < nch; ++c) W.chunk_grad(b, c, k_w), L.chunk_grad(b, c, k_l);
+          // last chunks first: they are the ones still in L2
+          for (int64_t c = nch - 1; c >= 0; --c) W.chunk_grad(b, c, k_w), L.chunk_grad(b, c, k_l);
         }
       });
     } else {

@@ -19,7 +19,7 @@
 // loader picks one per machine (GCC / clang function multi-versioning). A source build cannot
 // assume -march=native: the wheel may be built on one machine and run on another.
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(SOPO_NO_CPU_CLONES)
-#define SOPO_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define SOPO_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define SOPO_CPU_CLONES
 #endif
@@ -60,9 +60,8 @@ inline at::Tensor as_rows3(const at::Tensor& t, int64_t B, int64_t K, int64_t N)
 // kLanes independent accumulators (a blocked summation: lanes run over strided elements and are
 // tree-combined at the end), which lets the compiler vectorize without -ffast-math and keeps
 // the rounding error well below that of one long sequential sum.
-template <int NS, typename acc_t, typename Elem>
+template <int NS, typename acc_t, int kLanes = 16, typename Elem>
 inline std::array<acc_t, NS> lane_sums(int64_t n, const Elem& elem) {
-  constexpr int kLanes = 16;
   acc_t acc[NS][kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -86,7 +85,23 @@ inline std::array<acc_t, NS> lane_sums(int64_t n, const Elem& elem) {
   return out;
 }
 
-// out[i] = elem(i) for i in [0, n), written with non-temporal (streaming) stores a cache line at
+// An accumulator value rounded to the output dtype. For bf16 this is c10::BFloat16's own
+// round-to-nearest-even (NaN -> 0x7FC0), written without branches so that the compiler
+// vectorizes it; c10's version has a branch per element and keeps the bf16 loops scalar.
+template <typename T, typename A>
+inline T to_out(A v) {
+  return static_cast<T>(v);
+}
+template <>
+inline c10::BFloat16 to_out<c10::BFloat16, float>(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const uint16_t bits = static_cast<uint16_t>(v != v ? 0x7FC0u : rounded);
+  return c10::BFloat16(bits, c10::BFloat16::from_bits());
+}
+
+// out[i] = to_out<T>(elem(i)) for i in [0, n), written with non-temporal (streaming) stores a cache line at
 // a time. The gradients are large, freshly allocated and not read again by this kernel: plain
 // stores would first read every destination line from memory (read-for-ownership) and evict
 // the inputs the kernel is still reading.
@@ -95,17 +110,17 @@ inline void stream_out(T* __restrict out, int64_t n, const Elem& elem) {
   int64_t i = 0;
 #if defined(__SSE2__)
   constexpr int64_t kLine = 64 / sizeof(T);
-  for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = elem(i);
+  for (; i < n && (reinterpret_cast<uintptr_t>(out + i) & 63) != 0; ++i) out[i] = to_out<T>(elem(i));
   for (; i + kLine <= n; i += kLine) {
     alignas(64) T line[kLine];
-    for (int64_t j = 0; j < kLine; ++j) line[j] = elem(i + j);
+    for (int64_t j = 0; j < kLine; ++j) line[j] = to_out<T>(elem(i + j));
     const __m128i* src = reinterpret_cast<const __m128i*>(line);
     __m128i* dst = reinterpret_cast<__m128i*>(out + i);
     for (int q = 0; q < 4; ++q) _mm_stream_si128(dst + q, _mm_load_si128(src + q));
   }
   _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
 #endif
-  for (; i < n; ++i) out[i] = elem(i);
+  for (; i < n; ++i) out[i] = to_out<T>(elem(i));
 }
 
 }  // namespace sopo::cpu

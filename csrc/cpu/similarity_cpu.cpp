@@ -25,6 +25,30 @@ SOPO_CPU_CLONES std::array<acc_t, 3> dot3(const scalar_t* a, const scalar_t* b, 
   });
 }
 
+// Candidates summed together in one sweep: 1 + 2 * 4 sums x 8 lanes fit the 16 AVX2 registers.
+constexpr int64_t kGroup = 4;
+
+// The sums of one chunk for NK candidates c + j * sck (j < NK) against the anchor a:
+// out[0] = a.a, out[1 + 2 (k0 + j)] = a.c_j, out[2 + 2 (k0 + j)] = c_j.c_j.
+template <int NK, typename scalar_t, typename acc_t>
+SOPO_CPU_CLONES void cosine_sums(const scalar_t* a, const scalar_t* c, int64_t sck, int64_t n,
+                                 acc_t* out, int64_t k0) {
+  const auto s = lane_sums<1 + 2 * NK, acc_t, 8>(n, [&](int64_t i, acc_t* v) {
+    const acc_t x = static_cast<acc_t>(a[i]);
+    v[0] = x * x;
+    for (int j = 0; j < NK; ++j) {
+      const acc_t y = static_cast<acc_t>(c[j * sck + i]);
+      v[1 + 2 * j] = x * y;
+      v[2 + 2 * j] = y * y;
+    }
+  });
+  out[0] = s[0];
+  for (int j = 0; j < NK; ++j) {
+    out[1 + 2 * (k0 + j)] = s[1 + 2 * j];
+    out[2 + 2 * (k0 + j)] = s[2 + 2 * j];
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reward_scores_cpu(
     const at::Tensor& text_emb, const at::Tensor& motion_emb, double tau) {
   check_reward_inputs(text_emb, motion_emb);
@@ -82,18 +106,24 @@ at::Tensor min_cosine_similarity_cpu(const at::Tensor& anchor, const at::Tensor&
     const int64_t nch = num_chunks(N);
     const int64_t width = 1 + 2 * K;  // per (row, chunk): a.a, then a.c_k and c_k.c_k for each k
     std::vector<acc_t> part(B * nch * width);
-    // The anchor chunk stays in L1 while the K candidate chunks stream past it, so each input
-    // byte comes from memory once.
+    // One sweep per chunk reads the anchor once and up to kGroup candidates side by side
+    // (kGroup + 1 input streams), so each input byte comes from memory once.
     at::parallel_for(0, B * nch, grain_for(K * std::min(N, kChunk)), [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t b = item / nch, c0 = (item % nch) * kChunk;
         const int64_t n = std::min(kChunk, N - c0);
         acc_t* p = part.data() + item * width;
-        for (int64_t k = 0; k < K; ++k) {
-          const auto s = dot3<scalar_t, acc_t>(A + b * sa + c0, C + b * scb + k * sck + c0, n);
-          if (k == 0) p[0] = s[0];
-          p[1 + 2 * k] = s[1];
-          p[2 + 2 * k] = s[2];
+        const scalar_t* a = A + b * sa + c0;
+        for (int64_t k0 = 0; k0 < K; k0 += kGroup) {
+          const scalar_t* c = C + b * scb + k0 * sck + c0;
+          const int64_t nk = std::min<int64_t>(kGroup, K - k0);
+          // p[0] = a.a (same value from every group); p[1 + 2k] = a.c_k; p[2 + 2k] = c_k.c_k
+          switch (nk) {
+            case 4: cosine_sums<4, scalar_t, acc_t>(a, c, sck, n, p, k0); break;
+            case 3: cosine_sums<3, scalar_t, acc_t>(a, c, sck, n, p, k0); break;
+            case 2: cosine_sums<2, scalar_t, acc_t>(a, c, sck, n, p, k0); break;
+            default: cosine_sums<1, scalar_t, acc_t>(a, c, sck, n, p, k0); break;
+          }
         }
       }
     });
