@@ -73,7 +73,9 @@ def _extension():
     sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
     # -fopenmp: at::parallel_for's OpenMP backend is inline in the ATen headers, so without it
     # the CPU kernels would silently run on one thread.
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    # -ffp-contract=off: no FMA contraction, so the AVX-512 / AVX2 / baseline clones of the
+    # kernels (csrc/cpu/rows.h) round identically and results do not depend on the CPU model.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     args = dict(
         name="sopo_ext._C",
         sources=[os.path.relpath(s, HERE) for s in sources],
