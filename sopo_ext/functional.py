@@ -120,7 +120,6 @@ def sopo_loss_and_stats(
         loss = loss.mean()
     elif reduction == "sum":
         loss = loss.sum()
-    assert stats.shape == (B, _ops.NUM_LOSS_STATS)
     return loss.to(pred_w.dtype), LossStats(stats[:, 0], stats[:, 1], stats[:, 2])
 
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import functional as SF
+from ._validate import check_number, check_reduction
 
 Scalar = Union[float, torch.Tensor]
 
@@ -66,8 +67,6 @@ class SoPoLoss(nn.Module):
     def __init__(self, *, tau: float = 0.45, beta: float = 1.0, C: float = 2.0, scale: Scalar = 1.0,
                  reduction: str = "mean", threshold: bool = True, reweight: bool = True):
         super().__init__()
-        from ._validate import check_number, check_reduction
-
         self.tau = check_number("tau", tau)
         self.beta = check_number("beta", beta)
         self.C = check_number("C", C)
