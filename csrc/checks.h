@@ -5,6 +5,7 @@
 // surface in Python as ValueError / TypeError.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <torch/types.h>
 
 namespace sopo {
@@ -109,6 +110,29 @@ inline void check_loss_inputs(const at::Tensor& pred_w, const at::Tensor& ref_pr
   check_per_sample(valuable, "valuable", pred_w);
   check_mask(mask_w, "mask_w", pred_w);
   check_mask(mask_l, "mask_l", pred_w);
+}
+
+// The backward's inputs; stats must be the [B, num_stats] accumulation-dtype tensor of the forward.
+inline void check_loss_backward_inputs(const at::Tensor& grad_loss, const at::Tensor& pred_w,
+                                       const at::Tensor& target_w, const at::Tensor& pred_l,
+                                       const at::Tensor& target_l,
+                                       const std::optional<at::Tensor>& mask_w,
+                                       const std::optional<at::Tensor>& mask_l,
+                                       const at::Tensor& stats, int64_t num_stats) {
+  check_floating(pred_w, "pred_w");
+  check_batch(pred_w, "pred_w");
+  check_like(target_w, "target_w", pred_w, "pred_w");
+  check_like(pred_l, "pred_l", pred_w, "pred_w");
+  check_like(target_l, "target_l", pred_w, "pred_w");
+  check_mask(mask_w, "mask_w", pred_w);
+  check_mask(mask_l, "mask_l", pred_w);
+  check_per_sample(grad_loss, "grad_loss", pred_w);
+  const auto acc = at::toOpMathType(pred_w.scalar_type());
+  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == pred_w.size(0) && stats.size(1) == num_stats &&
+                        stats.scalar_type() == acc && stats.device() == pred_w.device(),
+                    "stats must be the [B, ", num_stats, "] ", acc,
+                    " tensor returned by sopo_loss_forward, got ", stats.sizes(), " ",
+                    stats.scalar_type(), " on ", stats.device());
 }
 
 }  // namespace sopo

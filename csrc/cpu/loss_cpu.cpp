@@ -26,17 +26,6 @@ namespace {
 // Columns of the per-sample stats tensor the forward returns (see sopo_ext/_ops.py).
 enum StatCol : int64_t { kDw = 0, kDl, kZ, kCoefW, kCoefL, kNumStats };
 
-// A mask as rows in a dtype the kernels read: bool stays bool, floating masks are converted to
-// the accumulation dtype (fractional fp32 weights must not be rounded to bf16), so the kernels
-// are instantiated for two mask types.
-std::optional<at::Tensor> mask_rows(const std::optional<at::Tensor>& mask, at::ScalarType acc_dtype,
-                                    int64_t B, int64_t N) {
-  if (!mask.has_value()) return std::nullopt;
-  at::Tensor m = *mask;
-  if (m.scalar_type() != at::kBool && m.scalar_type() != acc_dtype) m = m.to(acc_dtype);
-  return as_rows(m, B, N);
-}
-
 // Calls f.template operator()<mask_t, kMasked>() for the mask at hand.
 template <typename acc_t, typename F>
 void with_mask_type(const std::optional<at::Tensor>& mask, const F& f) {
@@ -244,20 +233,10 @@ Outputs sopo_loss_backward_cpu(const at::Tensor& grad_loss, const at::Tensor& pr
                                const at::Tensor& target_w, const at::Tensor& pred_l,
                                const at::Tensor& target_l, const std::optional<at::Tensor>& mask_w,
                                const std::optional<at::Tensor>& mask_l, const at::Tensor& stats) {
-  check_floating(pred_w, "pred_w");
-  check_batch(pred_w, "pred_w");
-  check_like(target_w, "target_w", pred_w, "pred_w");
-  check_like(pred_l, "pred_l", pred_w, "pred_w");
-  check_like(target_l, "target_l", pred_w, "pred_w");
-  check_mask(mask_w, "mask_w", pred_w);
-  check_mask(mask_l, "mask_l", pred_w);
-  check_per_sample(grad_loss, "grad_loss", pred_w);
+  check_loss_backward_inputs(grad_loss, pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats,
+                             kNumStats);
   const int64_t B = pred_w.size(0), N = pred_w.numel() / B;
   const auto dtype = pred_w.scalar_type(), acc_dtype = at::toOpMathType(dtype);
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == kNumStats &&
-                        stats.scalar_type() == acc_dtype,
-                    "stats must be the [B, ", int64_t(kNumStats), "] ", acc_dtype,
-                    " tensor returned by sopo_loss_forward, got ", stats.sizes(), " ", stats.scalar_type());
   // Only the predictions, targets and masks are read; the rest is folded into stats.
   const LossRows a(pred_w, at::Tensor(), target_w, pred_l, at::Tensor(), target_l, mask_w, mask_l);
   at::Tensor grad_w = at::empty(pred_w.sizes(), pred_w.options());

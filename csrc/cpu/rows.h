@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 #include <torch/types.h>
 
+#include "../row_views.h"
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -39,22 +41,6 @@ inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
 // Items of `work` elements each: the grain that keeps small problems serial.
 inline int64_t grain_for(int64_t work) { return std::max<int64_t>(1, kSerialElements / std::max<int64_t>(work, 1)); }
-
-// t ([B, ...]) as a [B, N] view whose rows have unit stride; copies only when the trailing dims
-// are not contiguous within a row. Batch strides are kept (an input expanded along the batch
-// dimension is read in place).
-inline at::Tensor as_rows(const at::Tensor& t, int64_t B, int64_t N) {
-  at::Tensor v = t.reshape({B, N});
-  if (N > 1 && v.stride(1) != 1) v = v.contiguous();
-  return v;
-}
-
-// [B, K, N] view with unit stride along N, copying only when needed.
-inline at::Tensor as_rows3(const at::Tensor& t, int64_t B, int64_t K, int64_t N) {
-  at::Tensor v = t.reshape({B, K, N});
-  if (N > 1 && v.stride(2) != 1) v = v.contiguous();
-  return v;
-}
 
 // NS sums of elem(i) over i in [0, n): elem writes NS values for element i. Each sum keeps
 // kLanes independent accumulators (a blocked summation: lanes run over strided elements and are

@@ -7,27 +7,12 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../row_views.h"
 #include "launch.h"
 #include "loss_kernels.cuh"
 
 namespace sopo::cuda {
 namespace {
-
-// x ([B, ...]) as [B, N] rows with unit inner stride (copies only when needed).
-at::Tensor as_rows(const at::Tensor& x, int64_t B, int64_t N) {
-  at::Tensor v = x.reshape({B, N});
-  if (N > 1 && v.stride(1) != 1) v = v.contiguous();
-  return v;
-}
-
-// A mask in a dtype the kernels read (bool as bytes, floating as the accumulation dtype).
-std::optional<at::Tensor> mask_rows(const std::optional<at::Tensor>& mask, at::ScalarType acc,
-                                    int64_t B, int64_t N) {
-  if (!mask.has_value()) return std::nullopt;
-  at::Tensor m = *mask;
-  if (m.scalar_type() != at::kBool && m.scalar_type() != acc) m = m.to(acc);
-  return as_rows(m, B, N);
-}
 
 template <typename T>
 LossSide<T> make_side(const at::Tensor& pred, const at::Tensor* ref, const at::Tensor& target,
@@ -98,21 +83,11 @@ std::tuple<at::Tensor, at::Tensor> sopo_loss_backward_cuda(
     const at::Tensor& grad_loss, const at::Tensor& pred_w, const at::Tensor& target_w,
     const at::Tensor& pred_l, const at::Tensor& target_l, const std::optional<at::Tensor>& mask_w,
     const std::optional<at::Tensor>& mask_l, const at::Tensor& stats) {
-  check_floating(pred_w, "pred_w");
-  check_batch(pred_w, "pred_w");
-  check_like(target_w, "target_w", pred_w, "pred_w");
-  check_like(pred_l, "pred_l", pred_w, "pred_w");
-  check_like(target_l, "target_l", pred_w, "pred_w");
-  check_mask(mask_w, "mask_w", pred_w);
-  check_mask(mask_l, "mask_l", pred_w);
-  check_per_sample(grad_loss, "grad_loss", pred_w);
+  check_loss_backward_inputs(grad_loss, pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats,
+                             kNumStats);
   const c10::cuda::CUDAGuard guard(pred_w.device());
   const int64_t B = pred_w.size(0), N = pred_w.numel() / B;
   const auto dtype = pred_w.scalar_type(), acc = at::toOpMathType(dtype);
-  TORCH_CHECK_VALUE(stats.dim() == 2 && stats.size(0) == B && stats.size(1) == kNumStats &&
-                        stats.scalar_type() == acc && stats.device() == pred_w.device(),
-                    "stats must be the [B, ", int64_t(kNumStats), "] ", acc,
-                    " tensor returned by sopo_loss_forward, got ", stats.sizes(), " ", stats.scalar_type());
   const at::Tensor pw = as_rows(pred_w, B, N), tw = as_rows(target_w, B, N);
   const at::Tensor pl = as_rows(pred_l, B, N), tl = as_rows(target_l, B, N);
   const auto mw = mask_rows(mask_w, acc, B, N), ml = mask_rows(mask_l, acc, B, N);

@@ -6,29 +6,20 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../row_views.h"
 #include "launch.h"
 #include "similarity_kernels.cuh"
 
 namespace sopo::cuda {
 namespace {
 
-// [.., N] views with unit inner stride (copies only when needed).
-at::Tensor rows2(const at::Tensor& x, int64_t B, int64_t N) {
-  at::Tensor v = x.reshape({B, N});
-  return (N > 1 && v.stride(1) != 1) ? v.contiguous() : v;
-}
-at::Tensor rows3(const at::Tensor& x, int64_t B, int64_t K, int64_t N) {
-  at::Tensor v = x.reshape({B, K, N});
-  return (N > 1 && v.stride(2) != 1) ? v.contiguous() : v;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> reward_scores_cuda(
     const at::Tensor& text_emb, const at::Tensor& motion_emb, double tau) {
   check_reward_inputs(text_emb, motion_emb);
   const c10::cuda::CUDAGuard guard(text_emb.device());
   const int64_t B = motion_emb.size(0), K = motion_emb.size(1), D = motion_emb.size(2);
-  const at::Tensor text = rows2(text_emb, B, D);
-  const at::Tensor motion = rows3(motion_emb, B, K, D);
+  const at::Tensor text = as_rows(text_emb, B, D);
+  const at::Tensor motion = as_rows3(motion_emb, B, K, D);
   at::Tensor scores = at::empty({B, K}, text_emb.options());
   at::Tensor worst_index = at::empty({B}, text_emb.options().dtype(at::kLong));
   at::Tensor worst_score = at::empty({B}, text_emb.options());
@@ -53,8 +44,8 @@ at::Tensor min_cosine_similarity_cuda(const at::Tensor& anchor, const at::Tensor
   const int64_t groups = ceil_div(K, kCosGroup);
   TORCH_CHECK_VALUE(groups <= 65535, "min_cosine_similarity: K = ", K, " is above the CUDA limit of ",
                     65535 * kCosGroup, " candidates");
-  const at::Tensor a = rows2(anchor, B, N);
-  const at::Tensor c = rows3(candidates, B, K, N);
+  const at::Tensor a = as_rows(anchor, B, N);
+  const at::Tensor c = as_rows3(candidates, B, K, N);
   at::Tensor out = at::empty({B}, anchor.options());
   const auto acc = at::toOpMathType(anchor.scalar_type());
   const auto stream = at::cuda::getCurrentCUDAStream();
