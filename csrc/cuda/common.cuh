@@ -6,6 +6,7 @@
 // deterministic (a fixed shuffle tree, then a fixed order over warps): no atomics.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../sopo.h"
@@ -36,6 +37,17 @@ struct Acc<double> {
 };
 template <typename T>
 using acc_t = typename Acc<T>::type;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid sizing of the row-wise reductions (host side, shared with the emulation tests): blocks
+// per row for `rows` rows of n elements (vec per load) on a GPU with `sms` multiprocessors:
+// enough blocks in total to fill it about 4 times over, never more than the row has work for.
+inline int64_t blocks_per_row(int64_t rows, int64_t n, int64_t vec, int64_t sms) {
+  const int64_t fill = ceil_div(4 * sms, rows);
+  const int64_t work = ceil_div(n, int64_t(kThreads) * vec);
+  return std::max<int64_t>(1, std::min(fill, work));
+}
 
 // 16 bytes of T: one vector load / store.
 template <typename T>

@@ -71,14 +71,10 @@ Case read_case(const std::string& dir) {
   return c;
 }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// blocks_per_row of csrc/cuda/launch.h with the SM count of the case (small, so that rows are
-// split over several blocks without emulating a whole GPU).
+// The CUDA ops' grid sizing (common.cuh) with the SM count of the case: small, so that rows are
+// split over several blocks without emulating a whole GPU.
 int64_t blocks_per_row(const Case& c, int64_t rows, int64_t n, int64_t vec) {
-  const int64_t fill = std::max<int64_t>(1, ceil_div(4 * c.i("sms"), rows));
-  const int64_t work = std::max<int64_t>(1, ceil_div(n, int64_t(kThreads) * vec));
-  return std::min(fill, work);
+  return sopo::cuda::blocks_per_row(rows, n, vec, c.i("sms"));
 }
 
 template <typename T>
