@@ -119,6 +119,16 @@ def _normalization_tensors(mean, std) -> Dict[str, torch.Tensor]:
     return out
 
 
+def _default_permissions(directory: Path) -> None:
+    """mkdtemp makes the directory 0700 and safetensors files may be 0600: give the checkpoint
+    the permissions of a normally created directory (umask applies), so it can be shared."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        os.chmod(f, 0o666 & ~umask)
+
+
 def save_checkpoint(directory: PathLike, model: nn.Module, *, meta: Optional[dict] = None,
                     mean=None, std=None, train_state: Optional[dict] = None) -> Path:
     """Write ``model`` (which must have ``kind`` and a dataclass ``config``) to ``directory``.
@@ -147,6 +157,7 @@ def save_checkpoint(directory: PathLike, model: nn.Module, *, meta: Optional[dic
         (tmp / CONFIG).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         if train_state is not None:
             torch.save(train_state, tmp / TRAIN_STATE)
+        _default_permissions(tmp)
         old = None
         if directory.exists():
             old = directory.with_name(f".{directory.name}.old-{os.getpid()}")

@@ -15,7 +15,18 @@ import torch
 from . import metrics
 from .sampling import generate
 
-__all__ = ["embed_split", "retrieval_metrics", "generate_split", "generation_metrics"]
+__all__ = ["embed_split", "retrieval_metrics", "generate_split", "generation_metrics",
+           "counterfactual_tokens", "detail_accuracy"]
+
+#: word swaps that turn a caption into a near miss: same action, wrong detail. R-precision only
+#: asks "which of 32 captions", which a model gets right from the action alone; these ask whether
+#: the direction, the hand / leg and the count are right too.
+DETAIL_SWAPS = {
+    "left": "right", "right": "left", "forward": "backward", "backward": "forward",
+    "forwards": "backwards", "backwards": "forwards", "clockwise": "counterclockwise",
+    "once": "twice", "twice": "once", "one": "two", "two": "one", "three": "four", "four": "three",
+    "slowly": "quickly", "quickly": "slowly", "slow": "fast", "fast": "slow",
+}
 
 
 @torch.no_grad()
@@ -52,6 +63,52 @@ def retrieval_metrics(text: torch.Tensor, motion: torch.Tensor, metric: str) -> 
     return out
 
 
+def counterfactual_tokens(tokens: Sequence[str]) -> List[List[str]]:
+    """Near-miss versions of a caption's ``word/POS`` tokens: one per detail word, with just
+    that word swapped (left -> right, once -> twice, ...). Empty when there is no detail word."""
+    out = []
+    for i, tok in enumerate(tokens):
+        word, sep, pos = tok.rpartition("/")
+        if not sep:
+            word = tok
+        swap = DETAIL_SWAPS.get(word.lower())
+        if swap is not None:
+            out.append(list(tokens[:i]) + [f"{swap}/{pos}" if sep else swap] + list(tokens[i + 1:]))
+    return out
+
+
+@torch.no_grad()
+def detail_accuracy(evaluator, batches: Sequence[dict],
+                    motions: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, float]:
+    """How often the evaluator places a motion closer to its own caption than to a near miss of
+    it (one detail word swapped, see ``DETAIL_SWAPS``), over all (motion, near miss) pairs.
+
+    On real motions this measures the evaluator's own grip on details; on generated motions,
+    whether the model got the direction / limb / count / speed right. 0.5 is chance.
+    """
+    evaluator.eval()
+    dev = next(evaluator.parameters()).device
+    wins, n = 0, 0
+    for i, b in enumerate(batches):
+        owner, swapped = [], []
+        for j, tok in enumerate(b["tokens"]):
+            for cf in counterfactual_tokens(tok):
+                owner.append(j)
+                swapped.append(cf)
+        if not owner:
+            continue
+        x = (motions[i] if motions is not None else b["motion"]).to(dev)
+        m = evaluator.encode_motion(x, b["mask"].to(dev))
+        t_true = evaluator.encode_text(b["tokens"])
+        t_swap = evaluator.encode_text(swapped)
+        idx = torch.as_tensor(owner, device=dev)
+        d_true = (m[idx] - t_true[idx]).norm(dim=-1)
+        d_swap = (m[idx] - t_swap).norm(dim=-1)
+        wins += int((d_true < d_swap).sum())
+        n += len(owner)
+    return {"detail accuracy": wins / n if n else float("nan"), "detail pairs": float(n)}
+
+
 @torch.no_grad()
 def generate_split(backbone, diffusion, batches: Sequence[dict], *, steps: int = 50,
                    guidance_scale: float = 2.5, seed: int = 0, sampler: str = "ddim") -> List[torch.Tensor]:
@@ -82,6 +139,8 @@ def generation_metrics(generated: Sequence[torch.Tensor], batches: Sequence[dict
     out["MM-Dist"] = float(metrics.mm_dist(text_e, gen_e))
     out["real MM-Dist"] = float(metrics.mm_dist(text_e, real_e))
     out["FID"] = float(metrics.fid(real_e, gen_e))
+    out["detail accuracy"] = detail_accuracy(evaluator, batches, generated)["detail accuracy"]
+    out["real detail accuracy"] = detail_accuracy(evaluator, batches)["detail accuracy"]
     n_pairs = min(300, n // 2)
     if n_pairs >= 2:
         out["Diversity"] = float(metrics.diversity(gen_e, n_pairs=n_pairs, seed=seed))

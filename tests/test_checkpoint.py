@@ -154,3 +154,14 @@ def test_atomic_write_text(tmp_path):
     C.atomic_write_text(p, "one")
     C.atomic_write_text(p, "two")
     assert p.read_text() == "two" and sorted(x.name for x in p.parent.iterdir()) == ["f.txt"]
+
+
+def test_checkpoint_permissions_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        C.save_checkpoint(tmp_path / "ck", tiny_mdm(), train_state={"step": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o755
+    for f in (tmp_path / "ck").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name

@@ -341,12 +341,12 @@ class MLD(nn.Module):
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
-    @torch.no_grad()
     @property
     def latent_shape(self) -> Tuple[int, int]:
         """(n_latent, latent_dim): the shape of one sample in the diffusion's space."""
         return (self.config.vae.n_latent, self.config.vae.latent_dim)
 
+    @torch.no_grad()
     def set_latent_stats(self, latents: Tensor, per_dim: bool = True, eps: float = 1e-6) -> None:
         """Set latent_mean / latent_std from raw (un-normalized) latents [N, n_latent, latent_dim].
 
