@@ -72,6 +72,7 @@ class MotionTextBatches:
         """The batch of these dataset indices with the captions of ``epoch``."""
         self.dataset.set_epoch(epoch)
         batch = collate_motions([self.dataset[i] for i in indices])
+        batch["indices"] = torch.as_tensor(list(indices), dtype=torch.long)
         if self.text_table is not None:
             batch["text_emb"] = self.embed(batch["captions"])
         return batch

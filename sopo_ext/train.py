@@ -1,0 +1,472 @@
+"""SoPo fine-tuning: ``python -m sopo_ext.train``.
+
+With no arguments it fine-tunes the bundled MDM-style model on the built-in dataset with SoPo,
+judged by the bundled TMR-style reward model, on the CPU, evaluates before and after with the
+bundled evaluator, and prints what changed. Everything else is a flag (``--help``):
+
+    python -m sopo_ext.train                                   # SoPo, MDM, built-in data
+    python -m sopo_ext.train --backbone mld --method usopo     # another backbone / method
+    python -m sopo_ext.train --preset official                 # the official release's choices
+    python -m sopo_ext.train --out runs/sopo --resume          # continue after a kill
+    torchrun --nproc_per_node=2 -m sopo_ext.train --steps 50   # data-parallel (gloo on CPU)
+
+Output in ``--out`` (default ``runs/train-<method>-<backbone>``): ``metrics.csv`` (one row per
+step, evaluation rows added), TensorBoard events in ``tb/``, ``last/`` (checkpoint + training
+state for ``--resume``), ``model/`` (the fine-tuned checkpoint, safetensors + config),
+``summary.json`` and ``compare_*.gif`` (base vs fine-tuned on a few captions).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt_io
+from .data.batches import MotionTextBatches
+from .data.builtin import resolve_data_root
+from .data.humanml3d import HumanML3D
+from .methods import METHODS, PreferenceStep, StepConfig
+from .optim import make_adamw, rng_state, set_rng_state, warmup_cosine
+from .pretrain import CsvLog
+from .profiling import phase, phase_times, reset_phase_times
+from .sampling import diffusion_from_meta
+
+__all__ = ["main", "build_parser", "parse_args", "run", "PRESETS"]
+
+#: ``--preset official``: the choices of the official SoPo release (reference-facts.md).
+PRESETS = {
+    "official": dict(k=2, noise="fresh", guidance_scale=1.0, sampler="ddpm", sampling_steps=50),
+}
+#: flags that may differ between a run and its --resume.
+RESUME_FREE = {"resume", "out", "device", "threads", "progress", "eval_every", "animation",
+               "stop_after", "argv", "ckpt_every"}
+
+
+# ------------------------------------------------------------------------------------ setup
+class Dist:
+    """torchrun's environment, or a single process."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_arg == "auto":
+            device_arg = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device_arg)
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if self.device.type == "cuda" else "gloo"
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend=backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def mean(self, values: Dict[str, torch.Tensor]) -> Dict[str, float]:
+        """Means over ranks of a dict of scalar tensors (one all_reduce)."""
+        if not values:
+            return {}
+        keys = sorted(values)
+        v = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(v)
+            v /= self.world
+        return dict(zip(keys, v.tolist()))
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _load(spec: Optional[str], bundled: str, kind: str, data_mean, data_std, what: str):
+    c = ckpt_io.load_checkpoint(spec or bundled, kind)
+    ckpt_io.check_normalization(c, data_mean, data_std, what=what)
+    return c
+
+
+def _fingerprint(args) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across runs and machines)."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (int(p) & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+# ------------------------------------------------------------------------------------ eval
+def evaluate(policy, diffusion, batches, evaluator, reward, args, device) -> Dict[str, float]:
+    from .evaluation import generate_split, generation_metrics
+    moved = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
+    gen = generate_split(policy, diffusion, moved, steps=args.eval_steps,
+                         guidance_scale=args.eval_guidance, seed=args.seed + 1)
+    return generation_metrics(gen, batches, evaluator, reward, tau=args.tau, seed=args.seed)
+
+
+SUMMARY_KEYS = ["R-precision top1", "R-precision top2", "R-precision top3", "MM-Dist", "FID",
+                "Diversity", "detail accuracy", "reward", "frac reward >= {tau}"]
+
+
+def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float) -> str:
+    lines = [f"{'metric':24s} {'base':>9s} {'fine-tuned':>11s} {'change':>9s}"]
+    for key in SUMMARY_KEYS:
+        key = key.format(tau=tau)
+        if key in before and key in after:
+            a, b = before[key], after[key]
+            lines.append(f"{key:24s} {a:9.4f} {b:11.4f} {b - a:+9.4f}")
+    return "\n".join(lines)
+
+
+def save_animations(policy, reference, diffusion, batches, args, out: Path, mean, std, n: int = 3) -> List[str]:
+    """Side-by-side GIFs (base vs fine-tuned, same initial noise) for a few test captions with a
+    detail word (direction, limb, count), where alignment has something to fix."""
+    try:
+        from . import viz
+    except ImportError as e:  # pragma: no cover
+        print(f"[train] no animations ({e}); pip install 'sopo_ext[viz]'", file=sys.stderr)
+        return []
+    from .evaluation import counterfactual_tokens
+    from .sampling import generate
+    picked = []
+    for b in batches:
+        for i, tok in enumerate(b["tokens"]):
+            if counterfactual_tokens(tok) and len(picked) < n:
+                picked.append((b, i))
+    paths = []
+    dev = next(policy.parameters()).device
+    for j, (b, i) in enumerate(picked):
+        L = int(b["lengths"][i])
+        te, m = b["text_emb"][i:i + 1].to(dev), b["mask"][i:i + 1, :L].to(dev)
+        motions = []
+        for model in (reference, policy):
+            g = torch.Generator(device=dev).manual_seed(args.seed + 7 + j)
+            motions.append(generate(model, diffusion, te, m, steps=args.eval_steps,
+                                    guidance_scale=args.eval_guidance, generator=g)[0].cpu().numpy())
+        p = out / f"compare_{j}.gif"
+        viz.save_comparison(motions, ["base", f"{args.method}"], str(p), caption=b["captions"][i],
+                            mean=mean, std=std, stride=2, fps=10)
+        paths.append(str(p))
+    return paths
+
+
+# ------------------------------------------------------------------------------------ run
+def run(args) -> Dict[str, float]:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    D = Dist(args.device)
+    device = D.device
+    out = Path(args.out)
+    if D.main:
+        out.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+
+    # ---- data and models -------------------------------------------------------------------
+    root = resolve_data_root(args.data)
+    train = HumanML3D(root, "train", seed=args.seed, max_len=args.max_len)
+    test = HumanML3D(root, "test", seed=args.seed, max_len=args.max_len)
+    mean, std = train.mean, train.std_safe
+    what = f"the dataset at {root}"
+    base = _load(args.base, args.backbone, args.backbone, mean, std, what)
+    if base.kind != args.backbone:
+        raise ValueError(f"--base holds a {base.kind!r} model but --backbone is {args.backbone!r}")
+    reward_c = _load(args.reward, "reward", "tmr", mean, std, what)
+    evaluator_c = None if args.evaluator == "none" else _load(args.evaluator, "evaluator", "evaluator", mean, std, what)
+    from .models.text import get_text_encoder
+    names = {base.meta.get("text_encoder"), reward_c.meta.get("text_encoder")} - {None}
+    if len(names) > 1:
+        raise ValueError(f"the base model and the reward model use different text encoders: {sorted(names)}")
+    text_encoder = get_text_encoder(names.pop() if names else args.text_encoder)
+    global_batch = args.batch_size
+    if global_batch % D.world:
+        raise ValueError(f"--batch-size {global_batch} must be divisible by the number of processes {D.world}")
+    batches = MotionTextBatches(train, text_encoder, batch_size=global_batch, seed=args.seed)
+    test_batches = MotionTextBatches(test, text_encoder, batch_size=32, seed=args.seed,
+                                     drop_last=False).eval_batches(32)
+    if args.eval_samples:
+        keep = max(1, math.ceil(args.eval_samples / 32))
+        test_batches = test_batches[:keep]
+
+    diffusion = diffusion_from_meta(base.meta)
+    policy = base.model.to(device)
+    reference = copy.deepcopy(policy).eval().requires_grad_(False)
+    if base.kind == "mld":  # SoPo tunes the latent denoiser; the VAE stays as pretrained
+        policy.vae.requires_grad_(False)
+    reward = reward_c.model.to(device).eval().requires_grad_(False)
+    evaluator = evaluator_c.model.to(device).eval() if evaluator_c else None
+    params = [p for p in policy.parameters() if p.requires_grad]
+    opt = make_adamw(params, lr=args.lr, weight_decay=args.weight_decay)
+    sched = warmup_cosine(opt, args.steps, min(args.warmup, args.steps))
+
+    # ---- resume ------------------------------------------------------------------------------
+    step, state, history = 0, None, {}
+    last = out / "last"
+    if args.resume:
+        if (last / ckpt_io.CONFIG).is_file():
+            c = ckpt_io.load_checkpoint(last, base.kind)
+            state = c.train_state()
+            if state is None:
+                raise ckpt_io.CheckpointError(f"{last} has no training state to resume from")
+            diff = {k: (state["args"].get(k), v) for k, v in _fingerprint(args).items()
+                    if state["args"].get(k) != v}
+            if diff:
+                raise ValueError("--resume with different settings than the interrupted run: " +
+                                 ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}"
+                                           for k, (a, b) in sorted(diff.items())))
+            policy.load_state_dict(c.model.state_dict())
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            set_rng_state(state["rng"])
+            step, history = int(state["step"]), dict(state.get("history", {}))
+            if D.main:
+                print(f"[train] resumed from {last} at step {step}")
+        elif D.main:
+            print(f"[train] --resume: no checkpoint in {last} yet, starting from scratch")
+
+    ddp_policy = policy
+    if D.world > 1:
+        ddp_policy = torch.nn.parallel.DistributedDataParallel(
+            policy, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True)
+    cfg = StepConfig(method=args.method, k=args.k, tau=args.tau, c=args.c, beta=args.beta,
+                     scale=args.scale, sampling_steps=args.sampling_steps, sampler=args.sampler,
+                     guidance_scale=args.guidance_scale, noise=args.noise, cond_drop=args.cond_drop,
+                     bf16=args.bf16)
+    stepper = PreferenceStep(ddp_policy, reference, diffusion, reward, cfg)
+
+    log = tb = None
+    if D.main:
+        log = CsvLog(out / "metrics.csv", resume_step=step if state is not None else -1)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(out / "tb"), purge_step=step if state is not None else None)
+        except ImportError:
+            print("[train] tensorboard is not installed: no TensorBoard events "
+                  "(pip install tensorboard)", file=sys.stderr)
+
+    def log_eval(tag: str, metrics: Dict[str, float], at: int) -> None:
+        if log is not None:
+            log.add({"step": at, **{f"{tag} {k}": v for k, v in metrics.items()}})
+            log.flush()
+        if tb is not None:
+            for k, v in metrics.items():
+                tb.add_scalar(f"{tag}/{k}", v, at)
+
+    def do_eval(tag: str, at: int) -> Optional[Dict[str, float]]:
+        res = None
+        if D.main and evaluator is not None:
+            with phase("evaluation"):
+                res = evaluate(policy, diffusion, test_batches, evaluator, reward, args, device)
+            log_eval(tag, res, at)
+            print(f"[train] {tag} @ step {at}: " + ", ".join(
+                f"{k}={res[k]:.4f}" for k in ("R-precision top1", "MM-Dist", "FID", "detail accuracy", "reward")
+                if k in res), flush=True)
+        D.barrier()
+        return res
+
+    # ---- loop --------------------------------------------------------------------------------
+    before = history.get("before")
+    if step == 0 and args.eval_before:
+        before = do_eval("eval", 0)
+        history["before"] = before
+    from tqdm.auto import tqdm
+    bar = tqdm(total=args.steps, initial=step, desc=f"{args.method} ({args.backbone})",
+               disable=not (args.progress and D.main), dynamic_ncols=True, file=sys.stdout)
+    reset_phase_times()
+    t0 = time.perf_counter()
+    stop_at = step + args.stop_after if args.stop_after else None
+    while step < args.steps:
+        idx = batches.indices(step)
+        mine = idx[D.rank::D.world]
+        b = batches.collate(mine, batches.epoch_of(step))
+        b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+        g = torch.Generator(device=device).manual_seed(_seed_for(args.seed, step, D.rank))
+
+        def gen_for_index(i: int) -> torch.Generator:
+            return torch.Generator(device=device).manual_seed(_seed_for(args.seed, 10 ** 9 + i))
+
+        policy.train()
+        loss, stats = stepper(b, g, gen_for_index)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint is "
+                f"{last if (last / ckpt_io.CONFIG).is_file() else 'none (nothing saved yet)'}")
+        with phase("backward"):
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with phase("optimizer"):
+            gnorm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            opt.step()
+            sched.step()
+        step += 1
+        stats = D.mean({"loss": loss, "grad_norm": gnorm, **stats})
+        if D.main:
+            row = {"step": step, "lr": sched.get_last_lr()[0], **stats}
+            log.add(row)
+            if tb is not None:
+                for k, v in row.items():
+                    if k != "step":
+                        tb.add_scalar(f"train/{k}", v, step)
+            bar.set_postfix({"loss": f"{stats['loss']:.4f}",
+                             **({"reward": f"{stats['reward']:.3f}"} if "reward" in stats else {}),
+                             **({"valuable": f"{stats['valuable']:.2f}"} if "valuable" in stats else {})},
+                            refresh=False)
+        bar.update(1)
+        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
+            do_eval("eval", step)
+        stopping = stop_at is not None and step >= stop_at
+        if step % args.ckpt_every == 0 or step == args.steps or stopping:
+            if D.main:
+                with phase("checkpoint"):
+                    ts = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                          "rng": rng_state(), "args": _fingerprint(args), "history": history}
+                    ckpt_io.save_checkpoint(last, policy, meta=_meta(args, base, step), mean=mean,
+                                            std=std, train_state=ts)
+                    log.flush()
+            D.barrier()
+        if stopping and step < args.steps:
+            bar.close()
+            if D.main:
+                print(f"[train] stopped after step {step} (--stop-after); continue with --resume")
+            D.close()
+            return {}
+    bar.close()
+    train_seconds = time.perf_counter() - t0
+    times = phase_times()
+
+    # ---- the end: evaluation, checkpoint, pictures, summary ------------------------------------
+    after = do_eval("eval", step) if args.eval_after else None
+    result: Dict[str, float] = {}
+    if D.main:
+        meta = _meta(args, base, step)
+        meta["metrics"] = {"before": before, "after": after}
+        ckpt_io.save_checkpoint(out / "model", policy, meta=meta, mean=mean, std=std)
+        gifs = []
+        if args.animation and evaluator is not None:
+            gifs = save_animations(policy, reference, diffusion, test_batches, args, out, mean, std)
+        summary = {"before": before, "after": after, "steps": step,
+                   "train seconds": round(train_seconds, 1),
+                   "phase seconds": {k: round(v, 2) for k, v in sorted(times.items())},
+                   "animations": gifs, "command": "python -m sopo_ext.train " + " ".join(args.argv)}
+        ckpt_io.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
+        log.flush()
+        if tb is not None:
+            tb.close()
+        print(f"\n[train] {args.method} on {args.backbone}: {step} steps in {train_seconds:.0f} s "
+              f"({', '.join(f'{k} {v:.0f} s' for k, v in sorted(times.items(), key=lambda kv: -kv[1]))})")
+        if before and after:
+            print(summary_table(before, after, args.tau))
+        print(f"[train] fine-tuned checkpoint: {out / 'model'}" +
+              (f"; animations: {', '.join(gifs)}" if gifs else ""))
+        result = after or {}
+    D.close()
+    return result
+
+
+def _meta(args, base, step) -> dict:
+    m = dict(base.meta)
+    m.pop("metrics", None)
+    m.update({"made_by": "python -m sopo_ext.train " + " ".join(args.argv), "base": str(base.path),
+              "steps": step, "seed": args.seed, "train": _fingerprint(args)})
+    return m
+
+
+# ------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m sopo_ext.train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--method", default="sopo", choices=sorted(METHODS))
+    a("--backbone", default="mdm", choices=("mdm", "mld"))
+    a("--preset", default=None, choices=sorted(PRESETS),
+      help="official: K=2, fresh noise per loss term, no CFG, 50-step ancestral sampling")
+    a("--data", default="builtin", help="'builtin' (default) or a HumanML3D directory")
+    a("--base", default=None, help="backbone checkpoint (default: the bundled one)")
+    a("--reward", default=None, help="reward checkpoint (default: the bundled one)")
+    a("--evaluator", default=None, help="evaluator checkpoint (default: bundled; 'none' skips evaluation)")
+    a("--text-encoder", default="minilm", help="only used when the checkpoints do not name one")
+    a("--out", default=None)
+    a("--k", type=int, default=None, help="online samples per caption (default 4)")
+    a("--tau", type=float, default=0.45, help="reward threshold of a valuable unpreferred sample")
+    a("--c", type=float, default=2.0, help="beta_w = beta (C - S)")
+    a("--beta", type=float, default=1.0)
+    a("--scale", type=float, default=1.0, help="T * omega_t (Diffusion-DPO: 0.5 * beta_dpo)")
+    a("--sampling-steps", type=int, default=None, help="sampling steps of the online samples (default 10)")
+    a("--sampler", default=None, choices=("ddim", "ddpm"), help="default ddim")
+    a("--guidance-scale", type=float, default=None, help="CFG of the online samples (default 1: none)")
+    a("--noise", default=None, choices=("shared", "fresh"), help="default shared")
+    a("--cond-drop", type=float, default=0.0, help="CFG text dropout while fine-tuning")
+    a("--lr", type=float, default=1e-4)
+    a("--weight-decay", type=float, default=0.0)
+    a("--warmup", type=int, default=20)
+    a("--grad-clip", type=float, default=1.0)
+    a("--batch-size", type=int, default=16, help="captions per step (over all processes)")
+    a("--steps", type=int, default=250)
+    a("--max-len", type=int, default=196)
+    a("--seed", type=int, default=0)
+    a("--device", default="auto")
+    a("--threads", type=int, default=None)
+    a("--bf16", action="store_true", help="bf16 autocast for the model forwards")
+    a("--eval-steps", type=int, default=20, help="DDIM steps of the evaluation samples")
+    a("--eval-guidance", type=float, default=2.5)
+    a("--eval-samples", type=int, default=None, help="evaluate on the first N test samples")
+    a("--eval-every", type=int, default=0, help="also evaluate every N steps")
+    a("--no-eval-before", dest="eval_before", action="store_false")
+    a("--no-eval-after", dest="eval_after", action="store_false")
+    a("--no-animation", dest="animation", action="store_false")
+    a("--ckpt-every", type=int, default=50)
+    a("--resume", action="store_true")
+    a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+    a("--no-progress", dest="progress", action="store_false")
+    return ap
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    defaults = dict(k=4, noise="shared", guidance_scale=1.0, sampler="ddim", sampling_steps=10)
+    if args.preset:
+        defaults.update(PRESETS[args.preset])
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.out is None:
+        args.out = f"runs/train-{args.method}-{args.backbone}"
+    for k in ("steps", "batch_size", "k", "sampling_steps", "ckpt_every", "eval_steps", "max_len"):
+        if getattr(args, k) < 1:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        raise SystemExit(f"error: --lr must be positive, got {args.lr}")
+    if args.eval_samples is not None and args.eval_samples < 32:
+        raise SystemExit("error: --eval-samples must be >= 32 (R-precision uses batches of 32)")
+    args.argv = argv
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
