@@ -39,7 +39,7 @@ from .models import model_classes
 
 __all__ = ["FORMAT", "VERSION", "Checkpoint", "save_checkpoint", "load_checkpoint", "load_model",
            "config_to_dict", "config_from_dict", "bundled_checkpoint_dir", "BUNDLED",
-           "atomic_write_text", "check_normalization", "CheckpointError"]
+           "atomic_write_text", "check_normalization", "CheckpointError", "recover"]
 
 FORMAT = "sopo_ext.checkpoint"
 VERSION = 1
@@ -129,6 +129,21 @@ def _default_permissions(directory: Path) -> None:
         os.chmod(f, 0o666 & ~umask)
 
 
+def recover(directory: PathLike) -> bool:
+    """Undo an interrupted replacement: :func:`save_checkpoint` moves the previous checkpoint to
+    ``.<name>.old-<pid>`` and the new one into place with two renames; a kill between them
+    leaves no ``<name>``. Put the previous one back (True if something was recovered)."""
+    directory = Path(directory)
+    if directory.exists() or not directory.parent.is_dir():
+        return False
+    olds = sorted(directory.parent.glob(f".{directory.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    for old in reversed(olds):
+        if (old / CONFIG).is_file() and (old / WEIGHTS).is_file():
+            os.rename(old, directory)
+            return True
+    return False
+
+
 def save_checkpoint(directory: PathLike, model: nn.Module, *, meta: Optional[dict] = None,
                     mean=None, std=None, train_state: Optional[dict] = None) -> Path:
     """Write ``model`` (which must have ``kind`` and a dataclass ``config``) to ``directory``.
@@ -144,6 +159,7 @@ def save_checkpoint(directory: PathLike, model: nn.Module, *, meta: Optional[dic
     model_classes(kind)  # an unregistered kind could never be loaded again
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    recover(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     reserved = [k for k in state if k.startswith("_data.")]
     if reserved:
@@ -193,6 +209,7 @@ class Checkpoint:
 
 def _resolve(path: PathLike) -> Path:
     p = Path(path)
+    recover(p)
     if p.is_file() and p.name in (WEIGHTS, CONFIG):
         p = p.parent
     if not p.exists():

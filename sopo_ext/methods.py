@@ -38,6 +38,7 @@ the reference.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -97,6 +98,16 @@ class StepConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+
+
+@contextlib.contextmanager
+def _no_transformer_fastpath():
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -282,7 +293,10 @@ class PreferenceStep:
             x_pol = torch.cat([self._noised(x_w, t, n_pw), self._noised(x_l, t, n_pl)])
             x_ref = x_pol if cfg.noise == "shared" else torch.cat([self._noised(x_w, t, n_rw),
                                                                   self._noised(x_l, t, n_rl)])
-            with torch.no_grad(), self._autocast():
+            # The reference runs without grad, where nn.TransformerEncoder would take its fused
+            # "fast path" (other rounding than the policy's grad-enabled path): disable it so
+            # that policy == reference gives d = 0 exactly (module docstring).
+            with torch.no_grad(), self._autocast(), _no_transformer_fastpath():
                 ref_out = self.reference(x_ref, tt, text2, mask2, uncond).float()
             inner = _unwrap(self.policy)
             was_training = inner.training

@@ -390,6 +390,7 @@ def run(args) -> Dict[str, float]:
     state = None
     last = out / "last"
     if args.resume:
+        ckpt_io.recover(last)
         if (last / ckpt_io.CONFIG).is_file():
             c = ckpt_io.load_checkpoint(last)
             state = c.train_state()

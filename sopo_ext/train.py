@@ -83,6 +83,13 @@ class Dist:
             v /= self.world
         return dict(zip(keys, v.tolist()))
 
+    def all_finite(self, x: torch.Tensor) -> bool:
+        """True when ``x`` is finite on every rank."""
+        bad = (~torch.isfinite(x.detach())).any().float().reshape(1).to(self.device)
+        if self.world > 1:
+            dist.all_reduce(bad)
+        return bool(bad.item() == 0)
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -170,7 +177,17 @@ def run(args) -> Dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     D = Dist(args.device)
+    try:
+        return _run(args, D)
+    finally:
+        D.close()
+
+
+def _run(args, D: "Dist") -> Dict[str, float]:
     device = D.device
+    # The global RNG drives dropout and MDM's text dropout in training mode (sft): seed it so a
+    # run is a function of --seed (and a --resume, which restores it, equals an uninterrupted run).
+    torch.manual_seed(_seed_for(args.seed, D.rank))
     out = Path(args.out)
     if D.main:
         out.mkdir(parents=True, exist_ok=True)
@@ -217,6 +234,7 @@ def run(args) -> Dict[str, float]:
     step, state, history = 0, None, {}
     last = out / "last"
     if args.resume:
+        ckpt_io.recover(last)
         if (last / ckpt_io.CONFIG).is_file():
             c = ckpt_io.load_checkpoint(last, base.kind)
             state = c.train_state()
@@ -302,9 +320,9 @@ def run(args) -> Dict[str, float]:
 
         policy.train()
         loss, stats = stepper(b, g, gen_for_index)
-        if not torch.isfinite(loss):
+        if not D.all_finite(loss):  # every rank stops together (no rank left in an all-reduce)
             raise FloatingPointError(
-                f"non-finite loss ({loss.item()}) at step {step}; the last good checkpoint is "
+                f"non-finite loss (this rank: {loss.item()}) at step {step}; the last good checkpoint is "
                 f"{last if (last / ckpt_io.CONFIG).is_file() else 'none (nothing saved yet)'}")
         with phase("backward"):
             opt.zero_grad(set_to_none=True)
@@ -343,7 +361,6 @@ def run(args) -> Dict[str, float]:
             bar.close()
             if D.main:
                 print(f"[train] stopped after step {step} (--stop-after); continue with --resume")
-            D.close()
             return {}
     bar.close()
     train_seconds = time.perf_counter() - t0
@@ -374,7 +391,6 @@ def run(args) -> Dict[str, float]:
         print(f"[train] fine-tuned checkpoint: {out / 'model'}" +
               (f"; animations: {', '.join(gifs)}" if gifs else ""))
         result = after or {}
-    D.close()
     return result
 
 

@@ -165,3 +165,23 @@ def test_checkpoint_permissions_follow_the_umask(tmp_path):
     assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o755
     for f in (tmp_path / "ck").iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f.name
+
+
+def test_a_kill_between_the_two_renames_is_recovered(tmp_path, monkeypatch):
+    d = tmp_path / "last"
+    C.save_checkpoint(d, tiny_mdm(0), meta={"v": 1})
+    real_rename = os.rename
+    calls = []
+
+    def rename(src, dst):
+        calls.append((src, dst))
+        if len(calls) == 2:  # the old one is moved away; the process "dies" before the new one
+            raise KeyboardInterrupt
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        C.save_checkpoint(d, tiny_mdm(1), meta={"v": 2})
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert not d.exists()
+    assert C.load_checkpoint(d).meta == {"v": 1}  # the previous checkpoint is back
+    assert C.recover(d) is False

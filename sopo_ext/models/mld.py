@@ -290,7 +290,9 @@ class LatentDenoiser(nn.Module):
         time_tok = self.time_embed(t.to(x_t.device)).unsqueeze(1).to(lat.dtype)
         text_tok = self.text_cond(text_emb, u).unsqueeze(1).to(lat.dtype)
         h = self.transformer(self.pos_enc(torch.cat([time_tok, text_tok, lat], dim=1)))
-        return self.head(h[:, 2:])
+        # contiguous: the same matmul kernel with and without grad, so a policy and its frozen
+        # copy agree bit for bit (SoPo's d = L(policy) - L(ref) is exactly 0 at step 0)
+        return self.head(h[:, 2:].contiguous())
 
 
 # ============================================================================================
