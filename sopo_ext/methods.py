@@ -78,7 +78,7 @@ class StepConfig:
     c: float = 2.0
     beta: float = 1.0
     scale: float = 1.0
-    sampling_steps: int = 10
+    sampling_steps: int = 8
     sampler: str = "ddim"
     guidance_scale: float = 1.0  # CFG of the online samples (the official release: none)
     noise: str = "shared"  # "shared": x_w and x_l (policy and reference) see one noise draw

@@ -50,7 +50,7 @@ DEFAULTS: Dict[str, dict] = {
     "reward": dict(steps=2000, batch_size=64, lr=2e-4, warmup=100, val_every=500),
     "evaluator": dict(steps=2000, batch_size=64, lr=2e-4, warmup=100, val_every=500),
     "mdm": dict(steps=8000, batch_size=32, lr=3e-4, warmup=200, val_every=1000),
-    "mld": dict(steps=3000, vae_steps=2000, batch_size=32, lr=3e-4, warmup=200, val_every=1000),
+    "mld": dict(steps=4000, vae_steps=6000, batch_size=32, lr=3e-4, warmup=200, val_every=1000),
 }
 #: flags that may differ between a run and its --resume (they do not change the result).
 RESUME_FREE = {"resume", "out", "export", "device", "threads", "progress", "evaluator", "reward",

@@ -422,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--c", type=float, default=2.0, help="beta_w = beta (C - S)")
     a("--beta", type=float, default=1.0)
     a("--scale", type=float, default=1.0, help="T * omega_t (Diffusion-DPO: 0.5 * beta_dpo)")
-    a("--sampling-steps", type=int, default=None, help="sampling steps of the online samples (default 10)")
+    a("--sampling-steps", type=int, default=None, help="sampling steps of the online samples (default 8)")
     a("--sampler", default=None, choices=("ddim", "ddpm"), help="default ddim")
     a("--guidance-scale", type=float, default=None, help="CFG of the online samples (default 1: none)")
     a("--noise", default=None, choices=("shared", "fresh"), help="default shared")
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--warmup", type=int, default=20)
     a("--grad-clip", type=float, default=1.0)
     a("--batch-size", type=int, default=16, help="captions per step (over all processes)")
-    a("--steps", type=int, default=250)
+    a("--steps", type=int, default=200)
     a("--max-len", type=int, default=196)
     a("--seed", type=int, default=0)
     a("--device", default="auto")
@@ -455,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    defaults = dict(k=4, noise="shared", guidance_scale=1.0, sampler="ddim", sampling_steps=10)
+    defaults = dict(k=4, noise="shared", guidance_scale=1.0, sampler="ddim", sampling_steps=8)
     if args.preset:
         defaults.update(PRESETS[args.preset])
     for k, v in defaults.items():

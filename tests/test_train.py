@@ -372,7 +372,8 @@ def test_torchrun_two_processes(assets, tmp_path):
 def test_default_command_and_official_preset():
     a = train.parse_args([])
     assert (a.method, a.backbone, a.k, a.tau, a.c, a.beta, a.data) == ("sopo", "mdm", 4, 0.45, 2.0, 1.0, "builtin")
-    assert (a.noise, a.guidance_scale, a.sampler, a.sampling_steps) == ("shared", 1.0, "ddim", 10)
+    assert (a.noise, a.guidance_scale, a.sampler, a.sampling_steps) == ("shared", 1.0, "ddim", 8)
+    assert (a.steps, a.batch_size, a.lr) == (200, 16, 1e-4)
     assert a.out == "runs/train-sopo-mdm" and a.eval_before and a.eval_after and not a.resume
     o = train.parse_args(["--preset", "official"])
     assert (o.k, o.noise, o.guidance_scale, o.sampler, o.sampling_steps) == (2, "fresh", 1.0, "ddpm", 50)
