@@ -458,3 +458,24 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(assets, tmp
     last = C.load_checkpoint(out / "last", "mdm")
     assert last.meta["steps"] == 2 and last.train_state()["step"] == 2
     assert [int(r["step"]) for r in train_rows(out)] == [1, 2]
+
+
+# ------------------------------------------------------------------------------ bf16, eval-every
+@pytest.mark.parametrize("backbone", ["mdm", "mld"])
+def test_bf16_autocast_step_is_close_to_fp32(assets, tmp_path, backbone):
+    a, b = tmp_path / "fp32", tmp_path / "bf16"
+    assert train.main(targv(assets, a, "dsopo", backbone, steps=2)) == 0
+    assert train.main(targv(assets, b, "dsopo", backbone, "--bf16", steps=2)) == 0
+    la = [float(r["loss"]) for r in train_rows(a)]
+    lb = [float(r["loss"]) for r in train_rows(b)]
+    assert all(math.isfinite(x) for x in lb)
+    assert la[0] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 0
+    assert lb[0] == pytest.approx(math.log(2), abs=1e-2)
+    wa, wb = weights(a / "model"), weights(b / "model")
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # bf16 really ran
+
+
+def test_eval_every_adds_evaluation_rows(assets, tmp_path):
+    out = tmp_path / "run"
+    assert train.main(targv(assets, out, "sopo", "mdm", "--eval-every", "2", steps=4, evaluate=True)) == 0
+    assert [int(r["step"]) for r in rows(out) if r.get("eval FID")] == [0, 2, 4]
