@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import checkpoint as ckpt_io
+from ._cli import run_cli
 from .checkpoint import config_from_dict, config_to_dict
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
@@ -574,13 +575,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
+from ._cli import run_cli
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
@@ -475,13 +476,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        run(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(parse_args, run, argv)
 
 
 if __name__ == "__main__":
