@@ -17,13 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_configs import TINY
+from tiny_configs import make_tiny_assets
 
 from sopo_ext import checkpoint as C
 from sopo_ext import functional as SF
-from sopo_ext import pretrain, profiling, train
+from sopo_ext import profiling, train
 from sopo_ext import reference as R
-from sopo_ext.data import synthetic
 from sopo_ext.data.batches import MotionTextBatches
 from sopo_ext.data.humanml3d import HumanML3D
 from sopo_ext.methods import METHODS, PreferenceStep, StepConfig
@@ -43,19 +42,8 @@ def assets(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setenv("SOPO_EXT_CACHE", str(root / "cache"))
     n = torch.get_num_threads()
-    data = root / "data"
-    synthetic.generate(data, num=400, seed=1)
-    ckpts = {}
-    for model in ("reward", "evaluator", "mdm", "mld"):
-        out = root / model
-        a = [model, "--data", str(data), "--out", str(out), "--steps", "2", "--batch-size", "8",
-             "--text-encoder", "hash", "--no-progress", "--threads", "1", "--ckpt-every", "100",
-             "--warmup", "1", "--evaluator", "none", "--reward", "none", "--no-final-eval"]
-        if model == "mld":
-            a += ["--vae-steps", "2"]
-        assert pretrain.main(a + ["--set", *TINY[model]]) == 0
-        ckpts[model] = out / "model"
-    yield {"root": root, "data": data, **ckpts}
+    assets = make_tiny_assets(root)
+    yield assets
     torch.set_num_threads(n)
     mp.undo()
 

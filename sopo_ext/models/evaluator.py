@@ -39,7 +39,6 @@ How this maps to T2M (Guo et al. 2022, ``EricGuo5513/text-to-motion``, the evalu
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
