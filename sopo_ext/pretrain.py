@@ -469,9 +469,9 @@ def run(args) -> Dict[str, float]:
                 ts = {"step": step, "phase": pi, "optimizer": opt.state_dict(),
                       "scheduler": sched.state_dict(), "rng": rng_state(), "args": _fingerprint(args),
                       "last_val": history}
+                log.flush()  # before the checkpoint: a resume keeps exactly the rows up to it
                 ckpt_io.save_checkpoint(last, model, meta=_meta(args, task, step), mean=data.mean,
                                         std=data.std, train_state=ts)
-                log.flush()
             if stop_at is not None and step >= stop_at and not done:
                 bar.close()
                 print(f"[pretrain] stopped after step {step} (--stop-after); resume with --resume")

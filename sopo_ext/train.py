@@ -352,11 +352,13 @@ def _run(args, D: "Dist") -> Dict[str, float]:
         if step % args.ckpt_every == 0 or step == args.steps or stopping:
             if D.main:
                 with phase("checkpoint"):
+                    # the log first: a kill after the checkpoint must not lose the rows it covers
+                    # (a resume drops rows past the checkpoint's step)
+                    log.flush()
                     ts = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                           "rng": rng_state(), "args": _fingerprint(args), "history": history}
                     ckpt_io.save_checkpoint(last, policy, meta=_meta(args, base, step), mean=mean,
                                             std=std, train_state=ts)
-                    log.flush()
             D.barrier()
         if stopping and step < args.steps:
             bar.close()
