@@ -1,0 +1,212 @@
+"""The alignment study: ``python -m sopo_ext.study``.
+
+Fine-tunes the base model with every method (and SoPo with a tau sweep and K in {2, 4}), for
+several seeds, with the same budget of steps, evaluates every result with
+``python -m sopo_ext.evaluate`` (and the base model too), and writes a table of mean +/- 95% CI
+over seeds plus a plot of alignment (R-precision top1) against FID:
+
+    python -m sopo_ext.study --out docs/study --jobs 2            # everything, 2 runs at a time
+    python -m sopo_ext.study --backbones mdm --methods sopo dsopo --seeds 0 1 2 --taus --ks
+
+Each run lives in ``<out>/runs/<backbone>/<label>-s<seed>/``; a run whose ``eval.json`` exists is
+not repeated, so an interrupted study continues where it stopped. ``--dry-run`` lists the runs.
+Results: ``<out>/results.json``, ``<out>/results.md``, ``<out>/alignment_vs_fid.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import metrics
+from ._cli import run_cli
+from .checkpoint import atomic_write_text
+from .methods import METHODS
+
+__all__ = ["main", "parse_args", "run", "plan"]
+
+COLUMNS = ["R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity",
+           "detail accuracy", "reward"]
+
+
+@dataclass
+class Run:
+    backbone: str
+    label: str  # "base", a method, "sopo tau=0.50", "sopo K=2"
+    seed: int
+    train_args: List[str] = field(default_factory=list)  # empty: evaluate the base model
+
+    def dir(self, out: Path) -> Path:
+        safe = self.label.replace(" ", "_").replace("=", "")
+        return out / "runs" / self.backbone / f"{safe}-s{self.seed}"
+
+
+def plan(args) -> List[Run]:
+    runs: List[Run] = []
+    for bb in args.backbones:
+        for s in args.seeds:
+            runs.append(Run(bb, "base", s))
+            for m in args.methods:
+                runs.append(Run(bb, m, s, ["--method", m]))
+            for tau in args.taus:
+                if abs(tau - 0.45) > 1e-9:  # 0.45 is the sopo run itself
+                    runs.append(Run(bb, f"sopo tau={tau:.2f}", s, ["--method", "sopo", "--tau", str(tau)]))
+            for k in args.ks:
+                if k != 4:
+                    runs.append(Run(bb, f"sopo K={k}", s, ["--method", "sopo", "--k", str(k)]))
+    return runs
+
+
+def _execute(run: Run, args, out: Path) -> Optional[str]:
+    d = run.dir(out)
+    if (d / "eval.json").is_file():
+        return None
+    d.mkdir(parents=True, exist_ok=True)
+    py = [sys.executable, "-m"]
+    common = ["--data", args.data, "--threads", str(args.threads)]
+    ckpt = args.base.get(run.backbone) or run.backbone
+    if run.train_args:
+        cmd = py + ["sopo_ext.train", *run.train_args, "--backbone", run.backbone, "--base", ckpt,
+                    "--seed", str(run.seed), "--steps", str(args.steps), "--out", str(d / "train"),
+                    "--evaluator", "none", "--no-animation", "--no-progress", "--resume",
+                    *common, *(["--reward", args.reward] if args.reward else []),
+                    *shlex.split(args.train_extra)]
+        with open(d / "train.log", "a") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if rc != 0:
+            return f"{run.backbone}/{run.label}/s{run.seed}: training failed (exit {rc}, see {d / 'train.log'})"
+        ckpt = str(d / "train" / "model")
+    cmd = py + ["sopo_ext.evaluate", "--ckpt", ckpt, "--seed", str(run.seed), "--replications", "1",
+                "--json", str(d / "eval.json"), *common,
+                *(["--evaluator", args.evaluator] if args.evaluator else []),
+                *(["--reward", args.reward] if args.reward else []), *shlex.split(args.eval_extra)]
+    with open(d / "eval.log", "a") as log:
+        rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if rc != 0:
+        return f"{run.backbone}/{run.label}/s{run.seed}: evaluation failed (exit {rc}, see {d / 'eval.log'})"
+    return None
+
+
+def aggregate(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
+    """{backbone/label: {metric: {"mean", "ci95", "n"}}} over seeds (missing runs are skipped)."""
+    groups: Dict[str, Dict[str, List[float]]] = {}
+    for r in runs:
+        f = r.dir(out) / "eval.json"
+        if not f.is_file():
+            continue
+        summ = json.loads(f.read_text())["summary"]
+        g = groups.setdefault(f"{r.backbone}/{r.label}", {})
+        for k, v in summ.items():
+            g.setdefault(k, []).append(v["mean"])
+    return {name: {k: dict(zip(("mean", "ci95"), metrics.mean_ci(np.asarray(v))), n=len(v))
+                   for k, v in g.items()} for name, g in groups.items()}
+
+
+def table(results: Dict[str, Dict[str, dict]]) -> str:
+    head = "| run | seeds | " + " | ".join(COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    for name, res in results.items():
+        n = max((v["n"] for v in res.values()), default=0)
+        cells = [f"{res[c]['mean']:.3f} ± {res[c]['ci95']:.3f}" if c in res else "" for c in COLUMNS]
+        lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for name, res in results.items():
+        if "FID" not in res or "R-precision top1" not in res:
+            continue
+        x, y = res["FID"], res["R-precision top1"]
+        ax.errorbar(x["mean"], y["mean"], xerr=x["ci95"], yerr=y["ci95"], fmt="o", capsize=3)
+        ax.annotate(name, (x["mean"], y["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("FID (lower is better)")
+    ax.set_ylabel("R-precision top1 (higher is better)")
+    ax.set_title("alignment vs quality, mean and 95% CI over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def run(args) -> Dict[str, Dict[str, dict]]:
+    out = Path(args.out)
+    runs = plan(args)
+    if args.dry_run:
+        for r in runs:
+            print(f"{r.backbone:4s} {r.label:20s} seed {r.seed}  -> {r.dir(out)}")
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    todo = [r for r in runs if not (r.dir(out) / "eval.json").is_file()]
+    print(f"[study] {len(runs)} runs, {len(runs) - len(todo)} already done, {args.jobs} at a time", flush=True)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        errors = [e for e in pool.map(lambda r: _execute(r, args, out), todo) if e]
+    results = aggregate(runs, out)
+    doc = {"command": "python -m sopo_ext.study " + " ".join(args.argv), "steps": args.steps,
+           "seeds": args.seeds, "results": results, "errors": errors,
+           "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
+    md = (f"Made by `python -m sopo_ext.study {' '.join(args.argv)}`: mean ± 95% CI over seeds "
+          f"(1.96 std / sqrt(n)), {args.steps} training steps per run.\n\n" + table(results) + "\n")
+    atomic_write_text(out / "results.md", md)
+    png = plot(results, out / "alignment_vs_fid.png")
+    print(table(results))
+    if errors:
+        raise ValueError("some runs failed:\n" + "\n".join(errors))
+    print(f"[study] results: {out / 'results.md'}" + (f", {png}" if png else ""))
+    return results
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="python -m sopo_ext.study", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = ap.add_argument
+    a("--out", default="docs/study")
+    a("--backbones", nargs="+", default=["mdm", "mld"], choices=("mdm", "mld"))
+    a("--methods", nargs="*", default=["sopo", "dsopo", "usopo", "sopo-no-vu", "diffusion-dpo",
+                                       "online-dpo", "sft"], choices=sorted(METHODS))
+    a("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    a("--taus", nargs="*", type=float, default=[0.40, 0.45, 0.50, 0.55, 0.60])
+    a("--ks", nargs="*", type=int, default=[2, 4])
+    a("--steps", type=int, default=200, help="the same training budget for every run")
+    a("--jobs", type=int, default=2, help="runs at a time")
+    a("--threads", type=int, default=1, help="torch threads per run")
+    a("--data", default="builtin")
+    a("--mdm-base", default=None)
+    a("--mld-base", default=None)
+    a("--reward", default=None)
+    a("--evaluator", default=None)
+    a("--train-extra", default="", help="more flags for every python -m sopo_ext.train")
+    a("--eval-extra", default="", help="more flags for every python -m sopo_ext.evaluate")
+    a("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    if args.jobs < 1 or args.threads < 1 or args.steps < 1:
+        raise SystemExit("error: --jobs, --threads and --steps must be >= 1")
+    args.base = {"mdm": args.mdm_base, "mld": args.mld_base}
+    args.argv = argv
+    return args
+
+
+def main(argv=None) -> int:
+    return run_cli(parse_args, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
