@@ -158,3 +158,18 @@ def restore_threads():
     yield
     torch.set_num_threads(n)
 
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """A tiny dataset and tiny pretrained checkpoints (tests/tiny_configs.py), made once per
+    session for the trainer, evaluation and study tests. The embedding cache goes to a temporary
+    directory for the rest of the session."""
+    from tiny_configs import make_tiny_assets
+    root = tmp_path_factory.mktemp("tiny_assets")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SOPO_EXT_CACHE", str(root / "cache"))
+    n = torch.get_num_threads()
+    yield make_tiny_assets(root)
+    torch.set_num_threads(n)
+    mp.undo()

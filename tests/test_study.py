@@ -5,21 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from tiny_configs import make_tiny_assets
 
 from sopo_ext import study
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study_assets")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SOPO_EXT_CACHE", str(root / "cache"))
-    n = torch.get_num_threads()
-    yield make_tiny_assets(root)
-    torch.set_num_threads(n)
-    mp.undo()
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def test_plan_covers_methods_seeds_and_sweeps():

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_configs import make_tiny_assets
 
 from sopo_ext import checkpoint as C
 from sopo_ext import functional as SF
@@ -36,16 +35,8 @@ KIND = {"reward": "tmr", "evaluator": "evaluator", "mdm": "mdm", "mld": "mld"}
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny dataset (400 motions: a 40-sample test split) and tiny pretrained checkpoints."""
-    root = tmp_path_factory.mktemp("train_assets")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("SOPO_EXT_CACHE", str(root / "cache"))
-    n = torch.get_num_threads()
-    assets = make_tiny_assets(root)
-    yield assets
-    torch.set_num_threads(n)
-    mp.undo()
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def targv(assets, out, method="sopo", backbone="mdm", *extra, steps=1, evaluate=False):
