@@ -1,8 +1,13 @@
-"""The shared shape of the package's command-line entry points."""
+"""What the package's command-line entry points (pretrain, train, evaluate, study) share."""
 from __future__ import annotations
 
 import sys
-from typing import Callable
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+#: flags that only say how a run was interrupted or continued, not what it computes.
+_INTERRUPTION_FLAGS = {"--resume": 0, "--stop-after": 1}  # flag -> number of values it takes
 
 
 def run_cli(parse_args: Callable, run: Callable, argv=None) -> int:
@@ -15,3 +20,39 @@ def run_cli(parse_args: Callable, run: Callable, argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def resolve_device(arg: str, local_rank: int = 0) -> torch.device:
+    """``auto``: this process's GPU when there is one, else the CPU; otherwise ``arg`` as given."""
+    if arg == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(arg)
+
+
+def command_line(prog: str, argv: Sequence[str]) -> str:
+    """The command that makes a run's result: ``argv`` without --resume / --stop-after N, so an
+    interrupted and resumed run records the same command as an uninterrupted one."""
+    out, skip = [], 0
+    for a in argv:
+        if skip:
+            skip -= 1
+        elif a in _INTERRUPTION_FLAGS:
+            skip = _INTERRUPTION_FLAGS[a]
+        else:
+            out.append(a)
+    return " ".join(["python -m", prog, *out])
+
+
+def fingerprint(args, free: Iterable[str]) -> dict:
+    """The settings that determine a run's result (all parsed flags but the ``free`` ones)."""
+    free = set(free)
+    return {k: v for k, v in vars(args).items() if k not in free}
+
+
+def check_resume_settings(saved: dict, args, free: Iterable[str]) -> None:
+    """ValueError naming every flag whose value differs from the interrupted run's."""
+    diff = {k: (saved.get(k), v) for k, v in fingerprint(args, free).items() if saved.get(k) != v}
+    if diff:
+        raise ValueError("--resume with different settings than the interrupted run: " +
+                         ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}"
+                                   for k, (a, b) in sorted(diff.items())))

@@ -32,7 +32,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import metrics
-from ._cli import run_cli
+from ._cli import command_line, resolve_device, run_cli
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
@@ -72,8 +72,7 @@ def format_table(summary: Dict[str, Dict[str, float]]) -> str:
 def run(args) -> Dict[str, Dict[str, float]]:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     root = resolve_data_root(args.data)
     split = HumanML3D(root, args.split, seed=args.seed, max_len=args.max_len)
     what = f"the dataset at {root}"
@@ -119,7 +118,7 @@ def run(args) -> Dict[str, Dict[str, float]]:
         doc = {"ckpt": str(base.path), "data": str(root), "split": args.split,
                "replications": args.replications, "steps": args.steps, "guidance": args.guidance,
                "seed": args.seed, "summary": summary, "per_replication": per_rep,
-               "command": "python -m sopo_ext.evaluate " + " ".join(args.argv)}
+               "command": command_line("sopo_ext.evaluate", args.argv)}
         ckpt_io.atomic_write_text(Path(args.json), json.dumps(doc, indent=1) + "\n")
     return summary
 

@@ -35,7 +35,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import checkpoint as ckpt_io
-from ._cli import run_cli
+from ._cli import check_resume_settings, command_line, fingerprint, resolve_device, run_cli
 from .checkpoint import config_from_dict, config_to_dict
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
@@ -369,7 +369,7 @@ TASKS = {"mdm": MDMTask, "mld": MLDTask, "reward": RewardTask, "evaluator": Eval
 
 # ------------------------------------------------------------------------------------ loop
 def _fingerprint(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+    return fingerprint(args, RESUME_FREE)
 
 
 def _phase_at(phases: List[Phase], step: int):
@@ -386,8 +386,7 @@ def run(args) -> Dict[str, float]:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
+    device = resolve_device(args.device)
     state = None
     last = out / "last"
     if args.resume:
@@ -397,12 +396,7 @@ def run(args) -> Dict[str, float]:
             state = c.train_state()
             if state is None:
                 raise ckpt_io.CheckpointError(f"{last} has no training state to resume from")
-            old = state["args"]
-            diff = {k: (old.get(k), v) for k, v in _fingerprint(args).items() if old.get(k) != v}
-            if diff:
-                raise ValueError("--resume with different settings than the interrupted run: " +
-                                 ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}"
-                                           for k, (a, b) in sorted(diff.items())))
+            check_resume_settings(state["args"], args, RESUME_FREE)
         else:
             print(f"[pretrain] --resume: no checkpoint in {last} yet, starting from scratch")
 
@@ -494,17 +488,7 @@ def run(args) -> Dict[str, float]:
 
 
 def _meta(args, task, step, metrics=None) -> dict:
-    cmd, skip = [], 0
-    for a in args.argv:  # the command that makes this result: without the interruption flags
-        if skip:
-            skip -= 1
-        elif a == "--resume":
-            continue
-        elif a == "--stop-after":
-            skip = 1
-        else:
-            cmd.append(a)
-    m = {"made_by": "python -m sopo_ext.pretrain " + " ".join(cmd), "seed": args.seed,
+    m = {"made_by": command_line("sopo_ext.pretrain", args.argv), "seed": args.seed,
          "steps": step, "data": "builtin" if args.data in (None, "builtin") else str(args.data),
          "torch": torch.__version__}
     m.update(task.meta())

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import metrics
-from ._cli import run_cli
+from ._cli import command_line, run_cli
 from .checkpoint import atomic_write_text
 from .methods import METHODS
 
@@ -158,11 +158,11 @@ def run(args) -> Dict[str, Dict[str, dict]]:
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         errors = [e for e in pool.map(lambda r: _execute(r, args, out), todo) if e]
     results = aggregate(runs, out)
-    doc = {"command": "python -m sopo_ext.study " + " ".join(args.argv), "steps": args.steps,
+    doc = {"command": command_line("sopo_ext.study", args.argv), "steps": args.steps,
            "seeds": args.seeds, "results": results, "errors": errors,
            "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
-    md = (f"Made by `python -m sopo_ext.study {' '.join(args.argv)}`: mean ± 95% CI over seeds "
+    md = (f"Made by `{command_line('sopo_ext.study', args.argv)}`: mean ± 95% CI over seeds "
           f"(1.96 std / sqrt(n)), {args.steps} training steps per run.\n\n" + table(results) + "\n")
     atomic_write_text(out / "results.md", md)
     png = plot(results, out / "alignment_vs_fid.png")

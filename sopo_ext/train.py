@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
-from ._cli import run_cli
+from ._cli import check_resume_settings, command_line, fingerprint, resolve_device, run_cli
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
@@ -59,10 +59,7 @@ class Dist:
     def __init__(self, device_arg: str):
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_arg == "auto":
-            device_arg = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device_arg)
+        self.device = resolve_device(device_arg, int(os.environ.get("LOCAL_RANK", "0")))
         if self.world > 1 and not dist.is_initialized():
             backend = "nccl" if self.device.type == "cuda" else "gloo"
             if self.device.type == "cuda":
@@ -107,7 +104,7 @@ def _load(spec: Optional[str], bundled: str, kind: str, data_mean, data_std, wha
 
 
 def _fingerprint(args) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in RESUME_FREE}
+    return fingerprint(args, RESUME_FREE)
 
 
 def _seed_for(*parts: int) -> int:
@@ -241,12 +238,7 @@ def _run(args, D: "Dist") -> Dict[str, float]:
             state = c.train_state()
             if state is None:
                 raise ckpt_io.CheckpointError(f"{last} has no training state to resume from")
-            diff = {k: (state["args"].get(k), v) for k, v in _fingerprint(args).items()
-                    if state["args"].get(k) != v}
-            if diff:
-                raise ValueError("--resume with different settings than the interrupted run: " +
-                                 ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}"
-                                           for k, (a, b) in sorted(diff.items())))
+            check_resume_settings(state["args"], args, RESUME_FREE)
             policy.load_state_dict(c.model.state_dict())
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
@@ -382,7 +374,7 @@ def _run(args, D: "Dist") -> Dict[str, float]:
         summary = {"before": before, "after": after, "steps": step,
                    "train seconds": round(train_seconds, 1),
                    "phase seconds": {k: round(v, 2) for k, v in sorted(times.items())},
-                   "animations": gifs, "command": "python -m sopo_ext.train " + " ".join(args.argv)}
+                   "animations": gifs, "command": command_line("sopo_ext.train", args.argv)}
         ckpt_io.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
         log.flush()
         if tb is not None:
@@ -400,7 +392,7 @@ def _run(args, D: "Dist") -> Dict[str, float]:
 def _meta(args, base, step) -> dict:
     m = dict(base.meta)
     m.pop("metrics", None)
-    m.update({"made_by": "python -m sopo_ext.train " + " ".join(args.argv), "base": str(base.path),
+    m.update({"made_by": command_line("sopo_ext.train", args.argv), "base": str(base.path),
               "steps": step, "seed": args.seed, "train": _fingerprint(args)})
     return m
 
