@@ -12,7 +12,9 @@ caption choice and sampling noise) and report the mean and the 95% confidence in
 (1.96 std / sqrt(n)). MultiModality generates ``--mm-repeats`` motions for each of
 ``--mm-captions`` captions and averages the distance of 10 random pairs per caption. On top:
 the mean reward of the reward model, the fraction of samples with reward >= tau, and the
-detail accuracy (:func:`sopo_ext.evaluation.detail_accuracy`). Output: a table on stdout and,
+detail accuracy (:func:`sopo_ext.evaluation.detail_accuracy`), and on the built-in dataset the
+``judged`` accuracies: hand / leg / direction, heading and count checked by geometry against the
+ground truth (:func:`sopo_ext.evaluation.judged_accuracy`). Output: a table on stdout and,
 with ``--json``, a JSON file.
 
 Defaults are sized for a CPU (3 replications, 50 DDIM steps); the original uses 20
@@ -36,7 +38,8 @@ from ._cli import command_line, resolve_device, run_cli
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
-from .evaluation import generate_split, generation_metrics
+from .data import judge
+from .evaluation import generate_split, generation_metrics, judged_accuracy
 from .sampling import diffusion_from_meta
 
 __all__ = ["main", "parse_args", "run", "format_table"]
@@ -93,6 +96,8 @@ def run(args) -> Dict[str, Dict[str, float]]:
     evaluator = ev.model.to(device).eval()
     reward = rw.model.to(device).eval() if rw else None
 
+    # the built-in dataset knows what every motion does: judge the details by geometry too
+    specs = judge.load_specs(root) if (Path(root) / "specs.json").is_file() else None
     per_rep: Dict[str, List[float]] = {}
     t0 = time.perf_counter()
     for r in range(args.replications):
@@ -102,6 +107,8 @@ def run(args) -> Dict[str, Dict[str, float]]:
         gen = generate_split(model, diffusion, batches, steps=args.steps, guidance_scale=args.guidance,
                              seed=args.seed + r)
         m = generation_metrics(gen, batches, evaluator, reward, tau=args.tau, seed=args.seed + r)
+        if specs is not None:
+            m.update(judged_accuracy(gen, batches, specs, split.mean, split.std_safe))
         for k, v in m.items():
             per_rep.setdefault(k, []).append(v)
         print(f"[evaluate] replication {r + 1}/{args.replications}: " + ", ".join(

@@ -16,7 +16,7 @@ from . import metrics
 from .sampling import generate
 
 __all__ = ["embed_split", "retrieval_metrics", "generate_split", "generation_metrics",
-           "counterfactual_tokens", "detail_accuracy"]
+           "counterfactual_tokens", "detail_accuracy", "judge_split", "judged_accuracy"]
 
 #: word swaps that turn a caption into a near miss: same action, wrong detail. R-precision only
 #: asks "which of 32 captions", which a model gets right from the action alone; these ask whether
@@ -152,4 +152,42 @@ def generation_metrics(generated: Sequence[torch.Tensor], batches: Sequence[dict
         out[f"frac reward >= {tau}"] = float((s >= tau).mean())
         t_r, r_r = embed_split(reward, batches)
         out["real reward"] = float(reward.score(t_r, r_r).numpy().mean())
+    return out
+
+
+def judge_split(generated: Dict[str, Sequence[torch.Tensor]], batches: Sequence[dict], specs: dict,
+                mean, std) -> List[dict]:
+    """Judge generated motions by geometry against the built-in dataset's ground truth
+    (``specs.json``, see :mod:`sopo_ext.data.judge`). ``generated``: {model name: one tensor
+    per batch, normalized features}. One record per caption with a judged detail:
+    ``{"batch", "row", "id", "caption", "family", "verdicts": {model name: judge result}}``."""
+    from .data import judge
+    mean = torch.as_tensor(np.asarray(mean), dtype=torch.float64)
+    std = torch.as_tensor(np.asarray(std), dtype=torch.float64)
+    out = []
+    for bi, b in enumerate(batches):
+        for row, sid in enumerate(b["ids"]):
+            spec = specs.get(sid)
+            if spec is None or not judge.expected_details(spec):
+                continue
+            L = int(b["lengths"][row])
+            verdicts = {name: judge.judge((gen[bi][row, :L].double() * std + mean).numpy(), spec)
+                        for name, gen in generated.items()}
+            out.append({"batch": bi, "row": row, "id": sid, "caption": b["captions"][row],
+                        "family": spec["family"], "verdicts": verdicts})
+    return out
+
+
+def judged_accuracy(generated: Sequence[torch.Tensor], batches: Sequence[dict], specs: dict,
+                    mean, std) -> Dict[str, float]:
+    """Fraction of stated details (hand / leg / direction, walking heading, count) that the
+    generated motions get right, judged by geometry: ``judged details`` over all of them and
+    ``judged <kind>`` per kind. Unlike ``detail accuracy`` no learned model is involved."""
+    right: Dict[str, List[bool]] = {}
+    for r in judge_split({"m": generated}, batches, specs, mean, std):
+        for d, v in r["verdicts"]["m"].items():
+            right.setdefault(d, []).append(bool(v["correct"]))
+    out = {f"judged {d}": float(np.mean(v)) for d, v in sorted(right.items())}
+    if right:
+        out["judged details"] = float(np.mean([x for v in right.values() for x in v]))
     return out

@@ -26,45 +26,14 @@ import torch
 
 from . import checkpoint as ckpt_io
 from ._cli import command_line, resolve_device, run_cli
-from .data import judge as judge_mod
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
+from .data.judge import load_specs
 from .data.humanml3d import HumanML3D
-from .evaluation import generate_split
+from .evaluation import generate_split, judge_split
 from .sampling import diffusion_from_meta
 
-__all__ = ["main", "parse_args", "run", "judge_split", "pick"]
-
-
-def load_specs(root: Path) -> dict:
-    path = Path(root) / "specs.json"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: the gallery judges details against the built-in dataset's ground "
-            f"truth (specs.json), which other datasets do not have")
-    return json.loads(path.read_text())
-
-
-def judge_split(generated: Dict[str, List[torch.Tensor]], batches: List[dict], specs: dict,
-                mean, std) -> List[dict]:
-    """One record per judged caption: ``{"batch", "row", "id", "caption", "family",
-    "verdicts": {model: judge result}}`` (captions with nothing to judge are skipped)."""
-    mean = torch.as_tensor(mean, dtype=torch.float64)
-    std = torch.as_tensor(std, dtype=torch.float64)
-    out = []
-    for bi, b in enumerate(batches):
-        for row, sid in enumerate(b["ids"]):
-            spec = specs.get(sid)
-            if spec is None or not judge_mod.expected_details(spec):
-                continue
-            L = int(b["lengths"][row])
-            verdicts = {}
-            for name, gen in generated.items():
-                feats = gen[bi][row, :L].double() * std + mean
-                verdicts[name] = judge_mod.judge(feats.numpy(), spec)
-            out.append({"batch": bi, "row": row, "id": sid, "caption": b["captions"][row],
-                        "family": spec["family"], "verdicts": verdicts})
-    return out
+__all__ = ["main", "parse_args", "run", "tally", "pick"]
 
 
 def tally(records: List[dict], base: str, tuned: str) -> Dict[str, Dict[str, int]]:

@@ -35,7 +35,7 @@ from .methods import METHODS
 __all__ = ["main", "parse_args", "run", "plan"]
 
 COLUMNS = ["R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity",
-           "detail accuracy", "reward"]
+           "detail accuracy", "judged details", "reward"]
 
 
 @dataclass

@@ -31,12 +31,14 @@ def test_protocol_summary_and_json(assets, tmp_path, backbone, capsys):
     assert doc["replications"] == 3 and doc["command"].startswith("python -m sopo_ext.evaluate ")
     per, summ = doc["per_replication"], doc["summary"]
     for key in ("R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity",
-                "MultiModality", "reward", "frac reward >= 0.45", "detail accuracy"):
+                "MultiModality", "reward", "frac reward >= 0.45", "detail accuracy",
+                "judged details", "judged side", "judged count"):
         v = np.asarray(per[key], dtype=np.float64)
         assert len(v) == 3 and np.isfinite(v).all(), key
         assert summ[key]["mean"] == pytest.approx(v.mean())
         assert summ[key]["ci95"] == pytest.approx(1.96 * v.std() / math.sqrt(3))
     assert 0 <= summ["R-precision top1"]["mean"] <= summ["R-precision top3"]["mean"] <= 1
+    assert 0 <= summ["judged details"]["mean"] <= 1  # the tiny data is built-in: it has ground truth
     # replications differ (own captions and noise), so the interval is not degenerate
     assert summ["FID"]["ci95"] > 0
     assert "95% CI" in capsys.readouterr().out

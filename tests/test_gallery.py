@@ -72,3 +72,28 @@ def test_bad_flags():
         gallery.parse_args(["--tuned", "x", "--label", "base"])
     with pytest.raises(SystemExit):
         gallery.parse_args(["--tuned", "x", "--n", "-1"])
+
+
+def test_judged_accuracy_is_one_on_real_motions_and_zero_sided_when_mirrored(tiny_assets):
+    import torch
+    from sopo_ext.data import skeleton as sk
+    from sopo_ext.data.batches import MotionTextBatches
+    from sopo_ext.data.humanml3d import HumanML3D
+    from sopo_ext.data.judge import load_specs
+    from sopo_ext.evaluation import judged_accuracy
+    from sopo_ext.models.text import HashEncoder
+    split = HumanML3D(tiny_assets["data"], "test")
+    batches = MotionTextBatches(split, HashEncoder(), batch_size=16, drop_last=False).eval_batches(16)
+    specs = load_specs(tiny_assets["data"])
+    real = [b["motion"] for b in batches]
+    acc = judged_accuracy(real, batches, specs, split.mean, split.std_safe)
+    assert acc["judged details"] == 1.0 and all(v == 1.0 for v in acc.values())
+    mean = torch.as_tensor(split.mean, dtype=torch.float64)
+    std = torch.as_tensor(split.std_safe, dtype=torch.float64)
+    mirrored = []
+    for b in batches:
+        x = sk.mirror_features(b["motion"].double() * std + mean)
+        mirrored.append(((x - mean) / std).float())
+    acc_m = judged_accuracy(mirrored, batches, specs, split.mean, split.std_safe)
+    assert acc_m["judged side"] == 0.0
+    assert acc_m.get("judged count", 1.0) == 1.0  # mirroring keeps repetitions

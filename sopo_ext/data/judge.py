@@ -19,13 +19,15 @@ Features are un-normalized HumanML3D rows ``[T, 263]`` (valid frames only).
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
 
 from . import skeleton as sk
 
-__all__ = ["DETAILS", "expected_details", "measure_details", "judge"]
+__all__ = ["DETAILS", "load_specs", "expected_details", "measure_details", "judge"]
 
 #: family -> the details judged for it
 DETAILS: Dict[str, tuple] = {
@@ -46,6 +48,17 @@ _MIN_YAW = 0.1         # summed root rotation velocity (HumanML3D units)
 _MIN_TRAVEL = 0.1      # metres of summed root velocity
 _MIN_LIMB_GAP = 0.10   # metres between the left and right limb's highest point
 _PROMINENCE = 0.4      # a repetition is a peak rising this fraction of the signal's range
+
+
+def load_specs(root) -> dict:
+    """The ground truth of a built-in dataset directory: ``{motion id: spec}`` from its
+    ``specs.json``. FileNotFoundError for other datasets, which have none."""
+    path = Path(root) / "specs.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: details are judged against the built-in dataset's ground truth "
+            f"(specs.json), which other datasets do not have")
+    return json.loads(path.read_text())
 
 
 def expected_details(spec: dict) -> Dict[str, object]:
