@@ -172,9 +172,31 @@ def _collect(bs):
     return groups
 
 
+STEP_PHASES = ("encode", "sampling", "reward", "selection", "loss", "backward", "optimizer")
+
+
+def _step_table(group, variants) -> list[str]:
+    """Whole-step groups (test_bench_step.py): median per variant, per-phase means, speedups."""
+    lines = [f"### {group}", "",
+             "| variant | median | " + " | ".join(STEP_PHASES) + " | official / variant |",
+             "| --- | ---: | " + " | ".join("---:" for _ in STEP_PHASES) + " | ---: |"]
+    official = variants.get("official")
+    for v, b in variants.items():
+        ph = b.extra_info.get("phases", {})
+        cells = [_fmt_time(ph[p]) if p in ph else "-" for p in STEP_PHASES]
+        ratio = _ratio(official.stats.median, b.stats.median) if official else "n/a"
+        lines.append(f"| {v} | {_fmt_time(b.stats.median)} | " + " | ".join(cells) + f" | {ratio} |")
+    lines += ["", "Phases are means per step from sopo_ext.profiling ranges (the project's "
+              "\"loss\" includes the policy and reference forwards).", ""]
+    return lines
+
+
 def _tables(groups) -> list[str]:
     lines: list[str] = []
     for group, variants in groups.items():
+        if any(b.extra_info.get("kind") == "step" for b in variants.values()):
+            lines += _step_table(group, variants)
+            continue
         med = {v: b.stats.median for v, b in variants.items()}
         min_bytes = next(iter(variants.values())).extra_info.get("min_bytes")
         lines.append(f"### {group}")
