@@ -113,15 +113,34 @@ def _fused_setup_context(ctx, inputs, output):
     ctx.grad_scale = grad_scale
 
 
+def rescale_precomputed(grad_w, grad_l, grad_loss, grad_scale: float):
+    """The gradients for the per-sample output gradient ``grad_loss [B]`` from the ones the
+    forward computed for ``grad_scale`` (the loss is linear in it): row b times
+    grad_loss[b] / grad_scale. For the usual grad_loss == grad_scale every factor is exactly 1
+    and so are the products, bit for bit. One elementwise pass, no host sync."""
+    if grad_scale == 0:
+        raise ValueError("grad_scale must be nonzero to rescale precomputed gradients")
+    f = grad_loss.to(torch.float32) / torch.tensor(grad_scale, dtype=torch.float32,
+                                                   device=grad_loss.device)
+    shape = (-1,) + (1,) * (grad_w.dim() - 1)
+    return grad_w * f.to(grad_w.dtype).view(shape), grad_l * f.to(grad_l.dtype).view(shape)
+
+
 def _fused_backward(ctx, grad_loss, grad_stats, grad_grad_w, grad_grad_l):
     pred_w, target_w, pred_l, target_l, mask_w, mask_l, stats, grad_w, grad_l = ctx.saved_tensors
     if grad_loss is None:  # the loss did not reach the output that was differentiated
         return (None,) * 13
     # The forward already computed the gradients for grad_loss == grad_scale, which is what a
     # plain loss.backward() sends; anything else (a weighted loss, gradient scaling) recomputes.
-    if _tracing(grad_loss) or not bool((grad_loss == ctx.grad_scale).all()):
+    if _tracing(grad_loss):
         grad_w, grad_l = ops.sopo_loss_backward(grad_loss, pred_w, target_w, pred_l, target_l,
                                                 mask_w, mask_l, stats)
+    elif grad_loss.device.type == "cpu":  # reading the value is free here: no device to wait for
+        if not bool((grad_loss == ctx.grad_scale).all()):
+            grad_w, grad_l = ops.sopo_loss_backward(grad_loss, pred_w, target_w, pred_l, target_l,
+                                                    mask_w, mask_l, stats)
+    else:  # on a GPU, deciding would be a host sync: rescale on the device instead
+        grad_w, grad_l = rescale_precomputed(grad_w, grad_l, grad_loss, ctx.grad_scale)
     need = ctx.needs_input_grad
     return (grad_w if need[0] else None, None, None, grad_l if need[3] else None,
             None, None, None, None, None, None, None, None, None)

@@ -33,6 +33,7 @@ repeating every row K times with :func:`repeat_interleave_batch` (text_emb, mask
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -148,6 +149,9 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.posterior_variance = (self.betas * (1.0 - self.alphas_cumprod_prev)
                                    / (1.0 - self.alphas_cumprod))
+        # (table id, device) -> float64 copy there; ("floats", steps) -> respaced schedule lists
+        self._tables: Dict[tuple, object] = {}
+        self._check_values = True
 
     def __repr__(self) -> str:
         return f"GaussianDiffusion({self.config})"
@@ -163,14 +167,32 @@ class GaussianDiffusion:
             t = t.expand(batch)
         if t.dim() != 1 or t.shape[0] != batch:
             raise ValueError(f"t must have shape [B] = [{batch}], got {tuple(t.shape)}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
+        # Reading t's range back is a host sync on a GPU: skipped for timesteps the package
+        # made itself (``trusted``), kept for everything a caller passes in.
+        if self._check_values and t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_steps):
             raise ValueError(f"t must be in [0, {self.num_steps}), got values in "
                              f"[{int(t.min())}, {int(t.max())}]")
         return t.long()
 
+    @contextlib.contextmanager
+    def trusted(self):
+        """Inside this block the value checks that read a tensor back to the host (a GPU sync)
+        are skipped: the range of t and masks without a valid frame. For callers that made the
+        inputs themselves, like the sampler (t from its own schedule) and ``PreferenceStep``
+        (t drawn in [0, num_steps), masks of dataset motions). Shapes and dtypes are still checked."""
+        prev, self._check_values = self._check_values, False
+        try:
+            yield
+        finally:
+            self._check_values = prev
+
     def _gather(self, arr: Tensor, t: Tensor, x: Tensor) -> Tensor:
         """arr[t] shaped [B, 1, ..., 1] to broadcast against x, in x's dtype and device."""
-        v = arr[t.detach().cpu()].to(device=x.device, dtype=x.dtype)
+        key = (id(arr), t.device)
+        table = self._tables.get(key)
+        if table is None:  # one copy per device, so indexing never moves t to the host
+            table = self._tables[key] = arr.to(t.device)
+        v = table.index_select(0, t.detach().reshape(-1)).to(device=x.device, dtype=x.dtype)
         return v.view(-1, *([1] * (x.dim() - 1)))
 
     @staticmethod
@@ -315,7 +337,7 @@ class GaussianDiffusion:
         else:
             m = mask.unsqueeze(-1).to(acc).expand_as(sq)
             denom = m.reshape(B, -1).sum(dim=1)
-            if bool((denom == 0).any()):
+            if self._check_values and bool((denom == 0).any()):
                 raise ValueError("mask has a row with no valid frame; every sample needs at "
                                  "least one valid frame")
             loss = (sq * m).reshape(B, -1).sum(dim=1) / denom
@@ -398,6 +420,14 @@ class GaussianDiffusion:
         return {"timesteps": ts, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
                 "betas": betas, "posterior_variance": var}
 
+    def _schedule_floats(self, steps: Optional[int]) -> Dict[str, list]:
+        """``respaced_schedule`` as Python floats, made once per number of steps: the sampling
+        loop then never reads a tensor back."""
+        key = ("floats", steps)
+        if key not in self._tables:
+            self._tables[key] = {k: v.tolist() for k, v in self.respaced_schedule(steps).items()}
+        return self._tables[key]
+
     # ------------------------------------------------------------------------- sampling
     @torch.no_grad()
     def sample(self, model, shape_or_x_T: Union[Sequence[int], Tensor],
@@ -459,7 +489,7 @@ class GaussianDiffusion:
         mask = self._check_mask(mask, x, "x_T")
         x = self._apply_mask(x, mask)
 
-        sched = self.respaced_schedule(steps)
+        sched = self._schedule_floats(steps)
         iterator = range(len(timesteps))
         if progress:
             from tqdm.auto import tqdm
@@ -467,12 +497,14 @@ class GaussianDiffusion:
         for i in iterator:
             t_int = timesteps[i]
             t = torch.full((B,), t_int, dtype=torch.long, device=x.device)
-            x0_hat, eps_hat = self.model_predictions(model, x, t, text_emb, mask, s)
+            with self.trusted():
+                x0_hat, eps_hat = self.model_predictions(model, x, t, text_emb, mask, s)
             if clip_denoised is not None:
                 x0_hat = x0_hat.clamp(-float(clip_denoised), float(clip_denoised))
-                eps_hat = self.eps_from_x0(x, t, x0_hat)
-            abar = float(sched["alphas_cumprod"][i])
-            abar_prev = float(sched["alphas_cumprod_prev"][i])
+                with self.trusted():
+                    eps_hat = self.eps_from_x0(x, t, x0_hat)
+            abar = sched["alphas_cumprod"][i]
+            abar_prev = sched["alphas_cumprod_prev"][i]
             last = i == len(timesteps) - 1
             if sampler == "ddim":
                 # Song et al. (12)/(16): sigma^2 = eta^2 (1-abar_prev)/(1-abar) (1-abar/abar_prev).
@@ -483,11 +515,11 @@ class GaussianDiffusion:
                     x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
             else:
                 # Posterior q(x_prev | x_t, x0_hat) of the respaced chain (fixed-small variance).
-                beta = float(sched["betas"][i])
+                beta = sched["betas"][i]
                 coef_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
                 coef_xt = math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
                 x = coef_x0 * x0_hat + coef_xt * x
-                var = float(sched["posterior_variance"][i])
+                var = sched["posterior_variance"][i]
                 if not last and var > 0:
                     x = x + math.sqrt(var) * _randn(x.shape, generator, x.device, x.dtype)
             x = self._apply_mask(x, mask)

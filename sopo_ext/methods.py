@@ -188,7 +188,9 @@ class PreferenceStep:
         the sample's own length), padded to the batch, plus their rewards [B, 2]."""
         if generator_for_index is None or "indices" not in batch:
             raise ValueError("offline pairs need the batch's dataset indices and a per-index generator")
-        lengths = batch["mask"].sum(1).tolist()
+        # host-side lengths when the batch has them (the trainer keeps them on the CPU): reading
+        # the device mask back would be a GPU sync
+        lengths = (batch["lengths"] if "lengths" in batch else batch["mask"].sum(1)).tolist()
         for i, idx in enumerate(batch["indices"]):
             idx = int(idx)
             if idx in self.offline_cache:
@@ -224,7 +226,8 @@ class PreferenceStep:
         with phase("encode"):
             x_data, space_mask = self.to_space(batch["motion"], mask)
         if spec.pairs == "none":
-            return self._sft_loss(x_data, text, space_mask, generator)
+            with self.diffusion.trusted():
+                return self._sft_loss(x_data, text, space_mask, generator)
 
         stats: Dict[str, Tensor] = {}
         if spec.pairs == "offline":
@@ -260,7 +263,8 @@ class PreferenceStep:
                 stats["reward"] = r.scores.mean()
                 stats["worst reward"] = r.worst_score.mean()
         stats["valuable"] = valuable.float().mean()
-        loss, lstats = self._dpo_loss(x_w, x_l, text, space_mask, beta_w, valuable, generator)
+        with self.diffusion.trusted():  # t is drawn below, in range: no range read-back
+            loss, lstats = self._dpo_loss(x_w, x_l, text, space_mask, beta_w, valuable, generator)
         stats["accuracy"] = (lstats.z > 0).float().mean()
         stats["beta_w"] = torch.as_tensor(beta_w, dtype=torch.float32).mean()
         return loss, stats

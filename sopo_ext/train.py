@@ -48,8 +48,9 @@ PRESETS = {
     "official": dict(k=2, noise="fresh", guidance_scale=1.0, sampler="ddpm", sampling_steps=50),
 }
 #: flags that may differ between a run and its --resume.
+HOST_KEYS = ("indices", "lengths")  # batch entries the step reads on the host
 RESUME_FREE = {"resume", "out", "device", "threads", "progress", "eval_every", "animation",
-               "stop_after", "argv", "ckpt_every"}
+               "stop_after", "argv", "ckpt_every", "log_every"}
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -70,23 +71,15 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, values: Dict[str, torch.Tensor]) -> Dict[str, float]:
-        """Means over ranks of a dict of scalar tensors (one all_reduce)."""
-        if not values:
-            return {}
-        keys = sorted(values)
-        v = torch.stack([values[k].detach().float().reshape(()) for k in keys]).to(self.device)
+    def mean_rows(self, rows: torch.Tensor) -> List[List[float]]:
+        """Means over ranks of a [steps, values] tensor, read back to the host in one go (one
+        all_reduce and one sync for a whole logging interval). A non-finite value on any rank
+        makes the mean non-finite, so every rank sees a diverged step at the same row."""
+        v = rows.detach().float().to(self.device)
         if self.world > 1:
             dist.all_reduce(v)
             v /= self.world
-        return dict(zip(keys, v.tolist()))
-
-    def all_finite(self, x: torch.Tensor) -> bool:
-        """True when ``x`` is finite on every rank."""
-        bad = (~torch.isfinite(x.detach())).any().float().reshape(1).to(self.device)
-        if self.world > 1:
-            dist.all_reduce(bad)
-        return bool(bad.item() == 0)
+        return v.tolist()
 
     def barrier(self) -> None:
         if self.world > 1:
@@ -298,6 +291,40 @@ def _run(args, D: "Dist") -> Dict[str, float]:
     from tqdm.auto import tqdm
     bar = tqdm(total=args.steps, initial=step, desc=f"{args.method} ({args.backbone})",
                disable=not (args.progress and D.main), dynamic_ncols=True, file=sys.stdout)
+    pending: List[tuple] = []  # (step, lr, {name: scalar tensor}) not yet read back
+
+    def flush_pending() -> None:
+        """Log the steps since the last flush: one all-reduce and one host read for all of
+        them. Stops the run at the first step whose loss is not finite (on any rank)."""
+        if not pending:
+            return
+        keys = sorted(pending[0][2])
+        rows = torch.stack([torch.stack([st[k].detach().float().reshape(()) for k in keys])
+                            for _, _, st in pending])
+        values = D.mean_rows(rows)
+        items = list(pending)
+        pending.clear()
+        for (at, lr, _), vals in zip(items, values):
+            row = dict(zip(keys, vals))
+            if not math.isfinite(row["loss"]):
+                if log is not None:
+                    log.flush()
+                raise FloatingPointError(
+                    f"non-finite loss ({row['loss']}, mean over ranks) at step {at - 1}; the last good "
+                    f"checkpoint is {last if (last / ckpt_io.CONFIG).is_file() else 'none (nothing saved yet)'}")
+            if D.main:
+                log.add({"step": at, "lr": lr, **row})
+                if tb is not None:
+                    for k, v in row.items():
+                        tb.add_scalar(f"train/{k}", v, at)
+                    tb.add_scalar("train/lr", lr, at)
+        if D.main:
+            row = dict(zip(keys, values[-1]))
+            bar.set_postfix({"loss": f"{row['loss']:.4f}",
+                             **({"reward": f"{row['reward']:.3f}"} if "reward" in row else {}),
+                             **({"valuable": f"{row['valuable']:.2f}"} if "valuable" in row else {})},
+                            refresh=False)
+
     reset_phase_times()
     t0 = time.perf_counter()
     stop_at = step + args.stop_after if args.stop_after else None
@@ -305,7 +332,8 @@ def _run(args, D: "Dist") -> Dict[str, float]:
         idx = batches.indices(step)
         mine = idx[D.rank::D.world]
         b = batches.collate(mine, batches.epoch_of(step))
-        b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()}
+        # dataset indices and lengths stay on the host: reading them never waits for the device
+        b = {k: (v.to(device) if torch.is_tensor(v) and k not in HOST_KEYS else v) for k, v in b.items()}
         g = torch.Generator(device=device).manual_seed(_seed_for(args.seed, step, D.rank))
 
         def gen_for_index(i: int) -> torch.Generator:
@@ -313,10 +341,6 @@ def _run(args, D: "Dist") -> Dict[str, float]:
 
         policy.train()
         loss, stats = stepper(b, g, gen_for_index)
-        if not D.all_finite(loss):  # every rank stops together (no rank left in an all-reduce)
-            raise FloatingPointError(
-                f"non-finite loss (this rank: {loss.item()}) at step {step}; the last good checkpoint is "
-                f"{last if (last / ckpt_io.CONFIG).is_file() else 'none (nothing saved yet)'}")
         with phase("backward"):
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -325,23 +349,17 @@ def _run(args, D: "Dist") -> Dict[str, float]:
             opt.step()
             sched.step()
         step += 1
-        stats = D.mean({"loss": loss, "grad_norm": gnorm, **stats})
-        if D.main:
-            row = {"step": step, "lr": sched.get_last_lr()[0], **stats}
-            log.add(row)
-            if tb is not None:
-                for k, v in row.items():
-                    if k != "step":
-                        tb.add_scalar(f"train/{k}", v, step)
-            bar.set_postfix({"loss": f"{stats['loss']:.4f}",
-                             **({"reward": f"{stats['reward']:.3f}"} if "reward" in stats else {}),
-                             **({"valuable": f"{stats['valuable']:.2f}"} if "valuable" in stats else {})},
-                            refresh=False)
+        # the step's numbers stay on the device until the next log point: no host sync per step
+        pending.append((step, sched.get_last_lr()[0], {"loss": loss, "grad_norm": gnorm, **stats}))
         bar.update(1)
-        if args.eval_every and step % args.eval_every == 0 and step < args.steps:
-            do_eval("eval", step)
         stopping = stop_at is not None and step >= stop_at
-        if step % args.ckpt_every == 0 or step == args.steps or stopping:
+        evaluating = bool(args.eval_every) and step % args.eval_every == 0 and step < args.steps
+        saving = step % args.ckpt_every == 0 or step == args.steps or stopping
+        if step % args.log_every == 0 or evaluating or saving:
+            flush_pending()  # raises on a non-finite loss, before anything is saved
+        if evaluating:
+            do_eval("eval", step)
+        if saving:
             if D.main:
                 with phase("checkpoint"):
                     # the log first: a kill after the checkpoint must not lose the rows it covers
@@ -441,6 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--no-eval-after", dest="eval_after", action="store_false")
     a("--no-animation", dest="animation", action="store_false")
     a("--ckpt-every", type=int, default=50)
+    a("--log-every", type=int, default=10,
+      help="read the step statistics back (one host sync) every N steps; every step is logged")
     a("--resume", action="store_true")
     a("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     a("--no-progress", dest="progress", action="store_false")
@@ -458,7 +478,8 @@ def parse_args(argv=None):
             setattr(args, k, v)
     if args.out is None:
         args.out = f"runs/train-{args.method}-{args.backbone}"
-    for k in ("steps", "batch_size", "k", "sampling_steps", "ckpt_every", "eval_steps", "max_len"):
+    for k in ("steps", "batch_size", "k", "sampling_steps", "ckpt_every", "log_every", "eval_steps",
+              "max_len"):
         if getattr(args, k) < 1:
             raise SystemExit(f"error: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
     if not (args.lr > 0 and math.isfinite(args.lr)):

@@ -449,3 +449,38 @@ def test_eval_every_adds_evaluation_rows(assets, tmp_path):
     out = tmp_path / "run"
     assert train.main(targv(assets, out, "sopo", "mdm", "--eval-every", "2", steps=4, evaluate=True)) == 0
     assert [int(r["step"]) for r in rows(out) if r.get("eval FID")] == [0, 2, 4]
+
+
+def test_deferred_logging_logs_every_step_identically(assets, tmp_path):
+    """--log-every N reads the statistics back once per N steps, but every step's row is the
+    same as with a read-back per step (and the weights are untouched by it)."""
+    outs = {}
+    for n in (1, 3):
+        outs[n] = tmp_path / f"log{n}"
+        assert train.main(targv(assets, outs[n], "sopo", "mdm", "--log-every", str(n),
+                                "--ckpt-every", "100", steps=5)) == 0
+    a, b = train_rows(outs[1]), train_rows(outs[3])
+    assert [int(r["step"]) for r in b] == [1, 2, 3, 4, 5]
+    assert a == b
+    assert_same_weights(weights(outs[1] / "model"), weights(outs[3] / "model"))
+
+
+def test_non_finite_loss_between_log_points_names_its_step(assets, tmp_path, monkeypatch, capsys):
+    real = PreferenceStep.__call__
+    calls = []
+
+    def nan_at_step_1(self, batch, generator, generator_for_index=None):
+        loss, stats = real(self, batch, generator, generator_for_index)
+        calls.append(1)
+        if len(calls) == 2:
+            loss = loss * float("nan")
+        return loss, stats
+
+    monkeypatch.setattr(PreferenceStep, "__call__", nan_at_step_1)
+    out = tmp_path / "run"
+    a = targv(assets, out, "sopo", "mdm", "--log-every", "4", "--ckpt-every", "4", steps=8)
+    assert train.main(a) == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "at step 1" in err and "none (nothing saved yet)" in err
+    assert not (out / "last" / C.CONFIG).exists()  # the diverged weights were never saved
+    assert [int(r["step"]) for r in train_rows(out)] == [1]
