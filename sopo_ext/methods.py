@@ -5,8 +5,9 @@ backbones, built on the functional API (``reward_scores``, ``min_cosine_similari
 Algorithm 1 of the paper, as :meth:`PreferenceStep.__call__` runs it:
 
 1. the batch's caption embeddings are precomputed (``batch["text_emb"]``);
-2. K motions per caption from the *current policy*, all B*K in one batched sampling loop without
-   grad (MDM: in frame space with the padding mask; MLD: in latent space, then decoded);
+2. K motions per caption from the *current policy*, batched over B*K rows without grad (MDM: in
+   frame space with the padding mask, captions grouped into a few loops by length so the
+   padding of the whole batch is not computed; MLD: in latent space, one loop, then decoded);
 3. the reward model embeds the captions, the B*K samples and the B dataset motions;
 4. ``reward_scores``: worst sample, its reward, ``valuable = worst < tau``;
 5. ``min_cosine_similarity``: ``S = min_k (cos+1)/2`` (dataset motion vs samples, reward
@@ -84,6 +85,7 @@ class StepConfig:
     noise: str = "shared"  # "shared": x_w and x_l (policy and reference) see one noise draw
     cond_drop: float = 0.0  # CFG text dropout during fine-tuning (same rows for policy and ref)
     bf16: bool = False
+    length_buckets: int = 4  # MDM online sampling: loops over captions grouped by length
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -98,6 +100,8 @@ class StepConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+        if not isinstance(self.length_buckets, int) or self.length_buckets < 1:
+            raise ValueError(f"length_buckets must be a positive int, got {self.length_buckets!r}")
 
 
 @contextlib.contextmanager
@@ -156,25 +160,55 @@ class PreferenceStep:
 
     @torch.no_grad()
     def sample(self, model: nn.Module, text_emb: Tensor, mask: Tensor, k: int,
-               generator: torch.Generator) -> Tuple[Tensor, Tensor, Tensor]:
-        """K samples per caption in one loop: (x in the diffusion space [B*K, ...], motions
-        [B*K, T, F], repeated mask [B*K, T])."""
+               generator: torch.Generator, lengths: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+        """K samples per caption: (x in the diffusion space [B*K, ...], motions [B*K, T, F],
+        repeated mask [B*K, T]).
+
+        MDM with host-side ``lengths`` [B] (a CPU tensor, so no device read): the captions are
+        sorted by length and sampled in ``cfg.length_buckets`` loops, each cut to its longest
+        motion, so the transformer does not attend over the padding of the whole batch (the
+        sampling cost follows the mean length instead of the maximum). Otherwise all B*K rows
+        run in one loop."""
         model = _unwrap(model)
         was_training = model.training
         model.eval()
-        text_k = repeat_interleave_batch(text_emb, k)
+        B = text_emb.shape[0]
         mask_k = repeat_interleave_batch(mask, k)
-        n = text_k.shape[0]
-        shape = (n, mask.shape[1], model.config.nfeats) if self.kind == "mdm" else (n,) + tuple(model.latent_shape)
+        groups = self._length_groups(lengths, B) if self.kind == "mdm" else None
         try:
             with self._autocast():
-                x = self.diffusion.sample(model, shape, text_k, mask_k if self.kind == "mdm" else None,
-                                          steps=self.cfg.sampling_steps, sampler=self.cfg.sampler,
-                                          guidance_scale=self.cfg.guidance_scale, generator=generator)
+                if groups is None:
+                    x = self._sample_rows(model, repeat_interleave_batch(text_emb, k), mask_k, generator)
+                else:
+                    x = text_emb.new_zeros((B * k, mask.shape[1], model.config.nfeats))
+                    for rows, T in groups:  # rows: caption indices (host), T: their longest
+                        r = torch.as_tensor(rows, device=text_emb.device)
+                        rk = (r[:, None] * k + torch.arange(k, device=r.device)).reshape(-1)
+                        xg = self._sample_rows(model, repeat_interleave_batch(text_emb[r], k),
+                                               mask_k[rk, :T], generator)
+                        x[rk, :T] = xg.to(x.dtype)
         finally:
             model.train(was_training)
         x = x.float()
         return x, self.to_motion(x, mask_k), mask_k
+
+    def _sample_rows(self, model, text_k: Tensor, mask_k: Tensor, generator) -> Tensor:
+        n = text_k.shape[0]
+        shape = (n, mask_k.shape[1], model.config.nfeats) if self.kind == "mdm" else (n,) + tuple(model.latent_shape)
+        return self.diffusion.sample(model, shape, text_k, mask_k if self.kind == "mdm" else None,
+                                     steps=self.cfg.sampling_steps, sampler=self.cfg.sampler,
+                                     guidance_scale=self.cfg.guidance_scale, generator=generator)
+
+    def _length_groups(self, lengths: Optional[Tensor], B: int):
+        """[(caption indices, longest length)] in ascending length, or None (one loop)."""
+        if lengths is None or self.cfg.length_buckets <= 1 or B < 2 or lengths.device.type != "cpu":
+            return None
+        lens = lengths.tolist()  # a host tensor: no device to wait for
+        order = sorted(range(B), key=lambda i: (lens[i], i))
+        n = min(self.cfg.length_buckets, B)
+        size = -(-B // n)
+        chunks = [order[i:i + size] for i in range(0, B, size)]
+        return [(c, max(lens[i] for i in c)) for c in chunks]
 
     @torch.no_grad()
     def embed(self, text_emb: Tensor, motions: Tensor, mask: Tensor) -> Tuple[Tensor, Tensor]:
@@ -239,7 +273,8 @@ class PreferenceStep:
             stats["worst reward"] = scores[:, 1].mean()
         else:
             with phase("sampling"):
-                x_gen, motions, mask_k = self.sample(self.policy, text, mask, cfg.k, generator)
+                x_gen, motions, mask_k = self.sample(self.policy, text, mask, cfg.k, generator,
+                                                     batch.get("lengths"))
             with phase("reward"):
                 t_lat, g_lat = self.embed(text, motions, mask_k)
                 g_lat = g_lat.view(B, cfg.k, -1)

@@ -18,7 +18,9 @@ from sopo_ext.diffusion import DiffusionConfig, GaussianDiffusion
 from sopo_ext.methods import PreferenceStep, StepConfig
 from sopo_ext.sampling import diffusion_from_meta
 
-CPU_ONLY_READS = {"_fused_backward"}  # functions allowed to read values, on CPU tensors only
+# functions allowed to read values because they only ever read CPU tensors (both check the device):
+# the fused backward's exactness check and the length grouping of the host-side batch lengths
+CPU_ONLY_READS = {"_fused_backward", "_length_groups"}
 
 
 class ValueReads(TorchDispatchMode):

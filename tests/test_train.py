@@ -163,7 +163,7 @@ def test_step_loss_equals_the_reference_recomputed_by_hand(method, assets, monke
     # the same draws by hand, in the order the step makes them
     text, mask, B = batch["text_emb"], batch["mask"], batch["text_emb"].shape[0]
     g = torch.Generator().manual_seed(123)
-    x_gen, motions, mask_k = step.sample(step.policy, text, mask, cfg.k, g)
+    x_gen, motions, mask_k = step.sample(step.policy, text, mask, cfg.k, g, batch.get("lengths"))
     with torch.no_grad():
         t_lat = step.reward.encode_text(text)
         g_lat = step.reward.encode_motion(motions, mask_k).view(B, cfg.k, -1)
