@@ -7,6 +7,7 @@ over seeds plus a plot of alignment (R-precision top1) against FID:
 
     python -m sopo_ext.study --out docs/study --jobs 2            # everything, 2 runs at a time
     python -m sopo_ext.study --backbones mdm --methods sopo dsopo --seeds 0 1 2 --taus --ks
+    python -m sopo_ext.study --out steps --backbones mdm --methods sopo --taus --ks --sampling 2 4 8 16
 
 Each run lives in ``<out>/runs/<backbone>/<label>-s<seed>/``; a run whose ``eval.json`` exists is
 not repeated, so an interrupted study continues where it stopped. ``--dry-run`` lists the runs.
@@ -63,6 +64,9 @@ def plan(args) -> List[Run]:
             for k in args.ks:
                 if k != 4:
                     runs.append(Run(bb, f"sopo K={k}", s, ["--method", "sopo", "--k", str(k)]))
+            for n in args.sampling:
+                if n != 8:  # 8 is the sopo run itself
+                    runs.append(Run(bb, f"sopo steps={n}", s, ["--method", "sopo", "--sampling-steps", str(n)]))
     return runs
 
 
@@ -185,6 +189,8 @@ def parse_args(argv=None):
     a("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a("--taus", nargs="*", type=float, default=[0.40, 0.45, 0.50, 0.55, 0.60])
     a("--ks", nargs="*", type=int, default=[2, 4])
+    a("--sampling", nargs="*", type=int, default=[8],
+      help="SoPo with these numbers of online sampling steps (the cost / alignment trade-off)")
     a("--steps", type=int, default=200, help="the same training budget for every run")
     a("--jobs", type=int, default=2, help="runs at a time")
     a("--threads", type=int, default=1, help="torch threads per run")
@@ -199,6 +205,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1 or args.steps < 1:
         raise SystemExit("error: --jobs, --threads and --steps must be >= 1")
+    if any(n < 1 for n in args.sampling):
+        raise SystemExit("error: --sampling values must be >= 1")
     args.base = {"mdm": args.mdm_base, "mld": args.mld_base}
     args.argv = argv
     return args

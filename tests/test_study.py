@@ -22,6 +22,12 @@ def test_plan_covers_methods_seeds_and_sweeps():
     assert ("mld", "sopo tau=0.60") in labels and ("mdm", "sopo K=2") in labels
     assert ("mdm", "sopo tau=0.45") not in labels  # that is the sopo run itself
     assert all(r.train_args == [] for r in runs if r.label == "base")
+    steps = study.plan(study.parse_args(["--backbones", "mdm", "--seeds", "0", "--methods", "sopo",
+                                         "--taus", "--ks", "--sampling", "2", "8", "16"]))
+    assert [r.label for r in steps] == ["base", "sopo", "sopo steps=2", "sopo steps=16"]
+    assert steps[-1].train_args == ["--method", "sopo", "--sampling-steps", "16"]
+    with pytest.raises(SystemExit):
+        study.parse_args(["--sampling", "0"])
 
 
 def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
