@@ -361,6 +361,12 @@ class GaussianDiffusion:
         mask = self._check_mask(mask, x_t, "x_t")
         t = self._check_t(t, B, x_t.device)
         s = self._check_guidance(guidance_scale)
+        return self.x0_eps_from_output(self._guided_output(model, x_t, t, text_emb, mask, s), x_t, t)
+
+    def _guided_output(self, model, x_t: Tensor, t: Tensor, text_emb: Optional[Tensor],
+                       mask: Optional[Tensor], s: float) -> Tensor:
+        """The raw model output (x0 or eps) with classifier-free guidance, inputs checked."""
+        B = x_t.shape[0]
         if text_emb is None:
             out = model(x_t, t, None, mask=mask,
                         uncond=torch.ones(B, dtype=torch.bool, device=x_t.device))
@@ -376,7 +382,7 @@ class GaussianDiffusion:
                 raise ValueError(f"model returned {both.shape[0]} rows for a batch of {2 * B}")
             out_c, out_u = both[:B], both[B:]
             out = out_u + s * (out_c - out_u)
-        return self.x0_eps_from_output(out.to(x_t.dtype), x_t, t)
+        return out.to(x_t.dtype)
 
     @staticmethod
     def _check_guidance(guidance_scale) -> float:
@@ -497,30 +503,40 @@ class GaussianDiffusion:
         for i in iterator:
             t_int = timesteps[i]
             t = torch.full((B,), t_int, dtype=torch.long, device=x.device)
-            with self.trusted():
-                x0_hat, eps_hat = self.model_predictions(model, x, t, text_emb, mask, s)
-            if clip_denoised is not None:
-                x0_hat = x0_hat.clamp(-float(clip_denoised), float(clip_denoised))
-                with self.trusted():
-                    eps_hat = self.eps_from_x0(x, t, x0_hat)
             abar = sched["alphas_cumprod"][i]
             abar_prev = sched["alphas_cumprod_prev"][i]
             last = i == len(timesteps) - 1
+            noise_std = 0.0
+            # x_prev = c_x0 * x0_hat + c_eps * eps_hat + c_xt * x_t (+ noise_std * z)
             if sampler == "ddim":
                 # Song et al. (12)/(16): sigma^2 = eta^2 (1-abar_prev)/(1-abar) (1-abar/abar_prev).
                 sigma = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
-                dir_coef = math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0))
-                x = math.sqrt(abar_prev) * x0_hat + dir_coef * eps_hat
-                if sigma > 0 and not last:
-                    x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
+                c_x0, c_eps, c_xt = math.sqrt(abar_prev), math.sqrt(max(1 - abar_prev - sigma ** 2, 0.0)), 0.0
+                noise_std = sigma
             else:
                 # Posterior q(x_prev | x_t, x0_hat) of the respaced chain (fixed-small variance).
                 beta = sched["betas"][i]
-                coef_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
-                coef_xt = math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
-                x = coef_x0 * x0_hat + coef_xt * x
-                var = sched["posterior_variance"][i]
-                if not last and var > 0:
-                    x = x + math.sqrt(var) * _randn(x.shape, generator, x.device, x.dtype)
+                c_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
+                c_eps, c_xt = 0.0, math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
+                noise_std = math.sqrt(max(sched["posterior_variance"][i], 0.0))
+            with self.trusted():
+                out = self._guided_output(model, x, t, text_emb, mask, s)
+            if clip_denoised is None:
+                # x0_hat and eps_hat are both linear in (out, x_t): fold the update onto the raw
+                # output, two elementwise passes instead of seven
+                sa, sq = math.sqrt(abar), math.sqrt(1 - abar)
+                if self.prediction == "x0":  # eps = (x_t - sa x0) / sq
+                    a_out, a_xt = c_x0 - c_eps * sa / sq, c_xt + c_eps / sq
+                else:  # x0 = (x_t - sq eps) / sa
+                    a_out, a_xt = c_eps - c_x0 * sq / sa, c_xt + c_x0 / sa
+                x = torch.add(out * a_out, x, alpha=a_xt)
+            else:
+                with self.trusted():
+                    x0_hat, _ = self.x0_eps_from_output(out, x, t)
+                    x0_hat = x0_hat.clamp(-float(clip_denoised), float(clip_denoised))
+                    eps_hat = self.eps_from_x0(x, t, x0_hat)
+                x = c_x0 * x0_hat + c_eps * eps_hat + c_xt * x
+            if noise_std > 0 and not last:
+                x = x + noise_std * _randn(x.shape, generator, x.device, x.dtype)
             x = self._apply_mask(x, mask)
         return x
