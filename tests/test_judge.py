@@ -74,6 +74,9 @@ def test_wrong_counts_and_still_motion_are_wrong(motions):
         got = judge.measure_details(still, fam)
         assert set(got.values()) == {"none"}, (fam, got)
     assert judge.measure_details(still, "jump")["count"] == 0
+    jitter = x.copy()  # a squat of a few millimetres is no squat, however many wiggles it has
+    jitter[:, sk.ROOT_Y] = jitter[:, sk.ROOT_Y].mean() + 0.004 * np.sin(np.arange(len(x)))[:, None]
+    assert judge.measure_details(jitter, "squat")["count"] == 0
 
 
 def test_expected_details_and_unjudged_specs():

@@ -47,7 +47,11 @@ _L_ELBOW, _R_ELBOW, _L_WRIST, _R_WRIST, _L_ANKLE, _R_ANKLE = 18, 19, 20, 21, 7, 
 _MIN_YAW = 0.1         # summed root rotation velocity (HumanML3D units)
 _MIN_TRAVEL = 0.1      # metres of summed root velocity
 _MIN_LIMB_GAP = 0.10   # metres between the left and right limb's highest point
-_PROMINENCE = 0.4      # a repetition is a peak rising this fraction of the signal's range
+_PROMINENCE = 0.4      # a repetition is a peak rising this fraction of the signal's range ...
+# ... and at least this much (metres): 1/5 of the smallest range among the dataset's motions of
+# the family (raise_arms 1.04, wave 0.34, squat 0.45, kick 0.54, jump 0.19), so jitter in a
+# motion that barely moves is not counted as repetitions
+_MIN_PEAK = {"raise_arms": 0.2, "wave": 0.065, "squat": 0.09, "kick": 0.1, "jump": 0.035}
 
 
 def load_specs(root) -> dict:
@@ -77,16 +81,17 @@ def expected_details(spec: dict) -> Dict[str, object]:
     return out
 
 
-def _count_peaks(sig: np.ndarray) -> int:
+def _count_peaks(sig: np.ndarray, family: str) -> int:
     from scipy.signal import find_peaks
     sig = np.asarray(sig, dtype=np.float64)
     if sig.size < 3:
         return 0
     rng = float(sig.max() - sig.min())
-    if rng < 1e-6:
+    floor = _MIN_PEAK[family]
+    if rng < floor:
         return 0
     pad = np.concatenate([[sig.min()], sig, [sig.min()]])  # a peak at either end still counts
-    peaks, _ = find_peaks(pad, prominence=_PROMINENCE * rng)
+    peaks, _ = find_peaks(pad, prominence=max(_PROMINENCE * rng, floor))
     return int(len(peaks))
 
 
@@ -121,18 +126,20 @@ def measure_details(features, family: str) -> Dict[str, object]:
         wrist_y = _joint(ric, w)[:, 1]
         up = wrist_y > wrist_y.min() + 0.5 * (wrist_y.max() - wrist_y.min())
         swing = (_joint(ric, w) - _joint(ric, e))[:, 0] * (-1.0 if left else 1.0)
-        out["count"] = _count_peaks(swing[up])
+        out["count"] = _count_peaks(swing[up], family)
     elif family == "kick":
         la, ra = _joint(ric, _L_ANKLE)[:, 1], _joint(ric, _R_ANKLE)[:, 1]
         gap = float(la.max() - ra.max())
         out["side"] = "none" if abs(gap) < _MIN_LIMB_GAP else ("left" if gap > 0 else "right")
-        out["count"] = _count_peaks(np.maximum(la, ra))
+        out["count"] = _count_peaks(np.maximum(la, ra), family)
     elif family == "jump":
-        out["count"] = _count_peaks(np.minimum(_joint(ric, _L_ANKLE)[:, 1], _joint(ric, _R_ANKLE)[:, 1]))
+        out["count"] = _count_peaks(np.minimum(_joint(ric, _L_ANKLE)[:, 1], _joint(ric, _R_ANKLE)[:, 1]),
+                                    family)
     elif family == "squat":
-        out["count"] = _count_peaks(-x[:, sk.ROOT_Y][:, 0])
+        out["count"] = _count_peaks(-x[:, sk.ROOT_Y][:, 0], family)
     elif family == "raise_arms":
-        out["count"] = _count_peaks(np.maximum(_joint(ric, _L_WRIST)[:, 1], _joint(ric, _R_WRIST)[:, 1]))
+        out["count"] = _count_peaks(np.maximum(_joint(ric, _L_WRIST)[:, 1], _joint(ric, _R_WRIST)[:, 1]),
+                                    family)
     return out
 
 
