@@ -10,7 +10,9 @@ motions, the same K and number of sampling steps, AdamW, each call = loss + back
     project          sopo_ext.methods.PreferenceStep as python -m sopo_ext.train runs it: cached
                      caption embeddings, B*K samples in one loop, batched reward scoring, the
                      reference without autograd, the fused loss (plus the trainer's clipping)
-    project-bf16     the same under CPU bf16 autocast
+    project-1loop    the project's step with all B*K samples in one loop padded to the batch's
+                     longest motion (length_buckets=1), to show what length bucketing buys
+    project-bf16     the project's step under CPU bf16 autocast
 
 Configurations: the official preset (K=2, 50 ancestral steps, the release's settings) and the
 trainer's default (K=4, 8 steps; the project samples with DDIM, the official loop ancestrally:
@@ -36,7 +38,7 @@ from sopo_ext.optim import make_adamw
 from sopo_ext.profiling import phase, phase_times, reset_phase_times
 from sopo_ext.sampling import diffusion_from_meta
 
-STEP_VARIANTS = ("official", "official-cached", "project", "project-bf16")
+STEP_VARIANTS = ("official", "official-cached", "project-1loop", "project", "project-bf16")
 CONFIGS = {  # name: (K, sampling steps, project sampler)
     "official preset K=2, 50 steps": (2, 50, "ddpm"),
     "trainer default K=4, 8 steps": (4, 8, "ddim"),
@@ -84,7 +86,8 @@ def _step_fn(variant, assets, K, steps, sampler, batch):
         clip = False
     else:
         cfg = StepConfig(method="sopo", k=K, sampling_steps=steps, sampler=sampler,
-                         bf16=variant == "project-bf16")
+                         bf16=variant == "project-bf16",
+                         length_buckets=1 if variant == "project-1loop" else StepConfig.length_buckets)
         step = PreferenceStep(policy, reference, diffusion, assets["reward"], cfg)
         cached = assets["CachedTextEncoder"](assets["raw_text"], persist=False)
         cached.precompute(batch["captions"])  # the trainer's cache is filled once per caption
