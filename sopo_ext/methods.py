@@ -85,7 +85,8 @@ class StepConfig:
     noise: str = "shared"  # "shared": x_w and x_l (policy and reference) see one noise draw
     cond_drop: float = 0.0  # CFG text dropout during fine-tuning (same rows for policy and ref)
     bf16: bool = False
-    length_buckets: int = 4  # MDM online sampling: loops over captions grouped by length
+    length_buckets: int = 4  # MDM online sampling: up to this many loops, captions grouped by length
+    min_bucket_rows: int = 16  # ... each with at least this many samples (smaller batches run slower)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -100,8 +101,10 @@ class StepConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
-        if not isinstance(self.length_buckets, int) or self.length_buckets < 1:
-            raise ValueError(f"length_buckets must be a positive int, got {self.length_buckets!r}")
+        for name in ("length_buckets", "min_bucket_rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
 
 
 @contextlib.contextmanager
@@ -174,7 +177,7 @@ class PreferenceStep:
         model.eval()
         B = text_emb.shape[0]
         mask_k = repeat_interleave_batch(mask, k)
-        groups = self._length_groups(lengths, B) if self.kind == "mdm" else None
+        groups = self._length_groups(lengths, B, k) if self.kind == "mdm" else None
         # On the CPU nn.TransformerEncoder's inference fast path (nested tensors, masked
         # softmax) measured 5-10% slower than the regular path for these padded batches
         # (docs/performance.md); elsewhere PyTorch's choice stands.
@@ -203,13 +206,15 @@ class PreferenceStep:
                                      steps=self.cfg.sampling_steps, sampler=self.cfg.sampler,
                                      guidance_scale=self.cfg.guidance_scale, generator=generator)
 
-    def _length_groups(self, lengths: Optional[Tensor], B: int):
-        """[(caption indices, longest length)] in ascending length, or None (one loop)."""
-        if lengths is None or self.cfg.length_buckets <= 1 or B < 2 or lengths.device.type != "cpu":
+    def _length_groups(self, lengths: Optional[Tensor], B: int, k: int = 1):
+        """[(caption indices, longest length)] in ascending length, or None (one loop). At most
+        ``length_buckets`` groups of at least ``min_bucket_rows`` samples: on the CPU, 32
+        samples ran fastest in 2 loops and 64 in 2-4 (smaller batches lose matmul efficiency)."""
+        n = min(self.cfg.length_buckets, B, (B * k) // self.cfg.min_bucket_rows)
+        if lengths is None or n <= 1 or lengths.device.type != "cpu":
             return None
         lens = lengths.tolist()  # a host tensor: no device to wait for
         order = sorted(range(B), key=lambda i: (lens[i], i))
-        n = min(self.cfg.length_buckets, B)
         size = -(-B // n)
         chunks = [order[i:i + size] for i in range(0, B, size)]
         return [(c, max(lens[i] for i in c)) for c in chunks]

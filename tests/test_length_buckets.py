@@ -48,7 +48,8 @@ def test_buckets_place_every_sample_in_its_row(buckets):
     outs = {}
     for nb, lens in ((1, None), (buckets, lengths)):
         step = PreferenceStep(model, copy.deepcopy(model), diff, nn.Identity(),
-                              StepConfig(k=3, sampling_steps=4, length_buckets=nb))
+                              StepConfig(k=3, sampling_steps=4, length_buckets=nb,
+                                                         min_bucket_rows=1))
         x, motions, mask_k = step.sample(model, text, mask, 3, torch.Generator().manual_seed(1), lens)
         outs[nb] = x
         assert x.shape == (21, 30, 5) and torch.equal(mask_k, mask.repeat_interleave(3, 0))
@@ -62,7 +63,7 @@ def test_real_mdm_buckets_are_padded_and_finite(tiny_assets):
     text, mask, lengths = _inputs(D=model.config.text_dim)
     F = model.config.nfeats
     step = PreferenceStep(model, copy.deepcopy(model), diffusion_from_meta(base.meta), nn.Identity(),
-                          StepConfig(k=2, sampling_steps=3, length_buckets=3))
+                          StepConfig(k=2, sampling_steps=3, length_buckets=3, min_bucket_rows=1))
     x, _, mask_k = step.sample(model, text, mask, 2, torch.Generator().manual_seed(0), lengths)
     assert x.shape == (14, 30, F) and torch.isfinite(x).all()
     assert (x[~mask_k] == 0).all() and (x[mask_k].abs().sum(-1) > 0).all()
@@ -74,10 +75,15 @@ def test_real_mdm_buckets_are_padded_and_finite(tiny_assets):
 def test_device_lengths_or_one_bucket_fall_back_to_one_loop():
     model = NoiseBlind()
     step = PreferenceStep(model, copy.deepcopy(model), GaussianDiffusion(DiffusionConfig(num_steps=5)),
-                          nn.Identity(), StepConfig(k=2, length_buckets=4))
-    assert step._length_groups(None, 5) is None
-    assert step._length_groups(torch.tensor([3, 1, 2, 5, 4], device="meta"), 5) is None
-    groups = step._length_groups(torch.tensor([3, 1, 2, 5, 4]), 5)
-    assert groups == [([1, 2], 2), ([0, 4], 4), ([3], 5)]
-    with pytest.raises(ValueError, match="length_buckets"):
-        StepConfig(length_buckets=0)
+                          nn.Identity(), StepConfig(k=2, length_buckets=4, min_bucket_rows=1))
+    lens = torch.tensor([3, 1, 2, 5, 4])
+    assert step._length_groups(None, 5, 2) is None
+    assert step._length_groups(lens.to("meta"), 5, 2) is None
+    assert step._length_groups(lens, 5, 2) == [([1, 2], 2), ([0, 4], 4), ([3], 5)]
+    step.cfg.min_bucket_rows = 4  # 10 samples: 2 groups of >= 4
+    assert step._length_groups(lens, 5, 2) == [([1, 2, 0], 3), ([4, 3], 5)]
+    step.cfg.min_bucket_rows = 16  # too few samples to split at all
+    assert step._length_groups(lens, 5, 2) is None
+    for bad in ({"length_buckets": 0}, {"min_bucket_rows": 0}, {"min_bucket_rows": True}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            StepConfig(**bad)

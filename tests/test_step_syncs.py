@@ -77,7 +77,8 @@ def test_step_reads_no_values(tiny_assets, method, backbone, sampler, guidance):
     base = C.load_checkpoint(tiny_assets[backbone])
     reward = C.load_checkpoint(tiny_assets["reward"]).model.eval()
     policy, reference = copy.deepcopy(base.model).train(), copy.deepcopy(base.model).eval()
-    cfg = StepConfig(method=method, k=2, sampling_steps=3, sampler=sampler, guidance_scale=guidance)
+    cfg = StepConfig(method=method, k=2, sampling_steps=3, sampler=sampler, guidance_scale=guidance,
+                     min_bucket_rows=1)  # length buckets even for this small batch
     step = PreferenceStep(policy, reference, diffusion_from_meta(base.meta), reward, cfg)
     batch = _batch()
     step(batch, torch.Generator().manual_seed(0))  # first call: per-steps schedule tables are made
