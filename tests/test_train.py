@@ -408,18 +408,23 @@ def test_reward_checkpoint_of_the_wrong_kind(assets, tmp_path, capsys):
     assert "tmr" in capsys.readouterr().err
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch, capsys):
+def nan_loss_at_step(monkeypatch, step: int) -> None:
+    """Make the training step that starts at ``step`` (0-based) return a NaN loss."""
     real = PreferenceStep.__call__
     calls = []
 
-    def nan_at_step_2(self, batch, generator, generator_for_index=None):
+    def patched(self, batch, generator, generator_for_index=None):
         loss, stats = real(self, batch, generator, generator_for_index)
         calls.append(1)
-        if len(calls) == 3:  # the step that starts at step 2
+        if len(calls) == step + 1:
             loss = loss * float("nan")
         return loss, stats
 
-    monkeypatch.setattr(PreferenceStep, "__call__", nan_at_step_2)
+    monkeypatch.setattr(PreferenceStep, "__call__", patched)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(assets, tmp_path, monkeypatch, capsys):
+    nan_loss_at_step(monkeypatch, 2)
     out = tmp_path / "run"
     assert train.main(targv(assets, out, "sopo", "mdm", "--ckpt-every", "1", steps=5)) == 2
     err = capsys.readouterr().err
@@ -466,17 +471,7 @@ def test_deferred_logging_logs_every_step_identically(assets, tmp_path):
 
 
 def test_non_finite_loss_between_log_points_names_its_step(assets, tmp_path, monkeypatch, capsys):
-    real = PreferenceStep.__call__
-    calls = []
-
-    def nan_at_step_1(self, batch, generator, generator_for_index=None):
-        loss, stats = real(self, batch, generator, generator_for_index)
-        calls.append(1)
-        if len(calls) == 2:
-            loss = loss * float("nan")
-        return loss, stats
-
-    monkeypatch.setattr(PreferenceStep, "__call__", nan_at_step_1)
+    nan_loss_at_step(monkeypatch, 1)
     out = tmp_path / "run"
     a = targv(assets, out, "sopo", "mdm", "--log-every", "4", "--ckpt-every", "4", steps=8)
     assert train.main(a) == 2
