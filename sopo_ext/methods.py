@@ -168,8 +168,8 @@ class PreferenceStep:
         repeated mask [B*K, T]).
 
         MDM with host-side ``lengths`` [B] (a CPU tensor, so no device read): the captions are
-        sorted by length and sampled in ``cfg.length_buckets`` loops, each cut to its longest
-        motion, so the transformer does not attend over the padding of the whole batch (the
+        sorted by length and sampled in up to ``cfg.length_buckets`` loops of at least
+        ``cfg.min_bucket_rows`` samples, each cut to its longest motion, so the transformer does not attend over the padding of the whole batch (the
         sampling cost follows the mean length instead of the maximum). Otherwise all B*K rows
         run in one loop."""
         model = _unwrap(model)

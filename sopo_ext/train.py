@@ -47,8 +47,8 @@ __all__ = ["main", "build_parser", "parse_args", "run", "PRESETS"]
 PRESETS = {
     "official": dict(k=2, noise="fresh", guidance_scale=1.0, sampler="ddpm", sampling_steps=50),
 }
-#: flags that may differ between a run and its --resume.
 HOST_KEYS = ("indices", "lengths")  # batch entries the step reads on the host
+#: flags that may differ between a run and its --resume.
 RESUME_FREE = {"resume", "out", "device", "threads", "progress", "eval_every", "animation",
                "stop_after", "argv", "ckpt_every", "log_every"}
 
@@ -350,7 +350,7 @@ def _run(args, D: "Dist") -> Dict[str, float]:
             sched.step()
         step += 1
         # the step's numbers stay on the device until the next log point: no host sync per step
-        pending.append((step, sched.get_last_lr()[0], {"loss": loss, "grad_norm": gnorm, **stats}))
+        pending.append((step, sched.get_last_lr()[0], {"loss": loss.detach(), "grad_norm": gnorm, **stats}))
         bar.update(1)
         stopping = stop_at is not None and step >= stop_at
         evaluating = bool(args.eval_every) and step % args.eval_every == 0 and step < args.steps
