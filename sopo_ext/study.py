@@ -11,7 +11,8 @@ over seeds plus a plot of alignment (R-precision top1) against FID:
 
 Each run lives in ``<out>/runs/<backbone>/<label>-s<seed>/``; a run whose ``eval.json`` exists is
 not repeated, so an interrupted study continues where it stopped. ``--dry-run`` lists the runs.
-Results: ``<out>/results.json``, ``<out>/results.md``, ``<out>/alignment_vs_fid.png``.
+Results: ``<out>/results.json``, ``<out>/results.md``, ``<out>/alignment_vs_fid.png`` (and with
+``--sampling``, ``<out>/sampling_tradeoff.png``).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from .methods import METHODS
 __all__ = ["main", "parse_args", "run", "plan"]
 
 COLUMNS = ["R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity",
-           "detail accuracy", "judged details", "reward"]
+           "detail accuracy", "judged details", "reward", "train s"]
 
 
 @dataclass
@@ -101,7 +102,9 @@ def _execute(run: Run, args, out: Path) -> Optional[str]:
 
 
 def aggregate(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
-    """{backbone/label: {metric: {"mean", "ci95", "n"}}} over seeds (missing runs are skipped)."""
+    """{backbone/label: {metric: {"mean", "ci95", "n"}}} over seeds (missing runs are skipped).
+    ``train s`` is the training wall time of the run (from its summary.json): runs go two at a
+    time on a shared machine, so compare it between runs of one study, not with benchmarks."""
     groups: Dict[str, Dict[str, List[float]]] = {}
     for r in runs:
         f = r.dir(out) / "eval.json"
@@ -111,6 +114,9 @@ def aggregate(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
         g = groups.setdefault(f"{r.backbone}/{r.label}", {})
         for k, v in summ.items():
             g.setdefault(k, []).append(v["mean"])
+        train_summary = r.dir(out) / "train" / "summary.json"
+        if train_summary.is_file():
+            g.setdefault("train s", []).append(float(json.loads(train_summary.read_text())["train seconds"]))
     return {name: {k: dict(zip(("mean", "ci95"), metrics.mean_ci(np.asarray(v))), n=len(v))
                    for k, v in g.items()} for name, g in groups.items()}
 
@@ -120,7 +126,8 @@ def table(results: Dict[str, Dict[str, dict]]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for name, res in results.items():
         n = max((v["n"] for v in res.values()), default=0)
-        cells = [f"{res[c]['mean']:.3f} ± {res[c]['ci95']:.3f}" if c in res else "" for c in COLUMNS]
+        fmt = lambda c: "{:.0f} ± {:.0f}" if c == "train s" else "{:.3f} ± {:.3f}"  # noqa: E731
+        cells = [fmt(c).format(res[c]["mean"], res[c]["ci95"]) if c in res else "" for c in COLUMNS]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -142,6 +149,49 @@ def plot(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[str]:
     ax.set_xlabel("FID (lower is better)")
     ax.set_ylabel("R-precision top1 (higher is better)")
     ax.set_title("alignment vs quality, mean and 95% CI over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def _sampling_points(results: Dict[str, Dict[str, dict]]) -> Dict[str, List[tuple]]:
+    """{backbone: [(online sampling steps, result)]} for sopo and its ``steps=N`` runs."""
+    pts: Dict[str, List[tuple]] = {}
+    for name, res in results.items():
+        bb, label = name.split("/", 1)
+        if label == "sopo":
+            pts.setdefault(bb, []).append((8, res))
+        elif label.startswith("sopo steps="):
+            pts.setdefault(bb, []).append((int(label.split("=")[1]), res))
+    return {bb: sorted(p, key=lambda x: x[0]) for bb, p in pts.items() if len(p) > 1}
+
+
+def plot_sampling(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[str]:
+    """Alignment and training time against the number of online sampling steps (``--sampling``)."""
+    pts = _sampling_points(results)
+    if not pts:
+        return None
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    for bb, p in pts.items():
+        steps = [n for n, _ in p]
+        for ax, key in zip(axes, ("R-precision top1", "judged details", "train s")):
+            vals = [r[key] for _, r in p if key in r]
+            if len(vals) != len(steps):
+                continue
+            ax.errorbar(steps, [v["mean"] for v in vals], yerr=[v["ci95"] for v in vals], fmt="o-",
+                        capsize=3, label=bb)
+            ax.set_xlabel("online sampling steps")
+            ax.set_title("training wall time (s)" if key == "train s" else key)
+            ax.set_xscale("log", base=2)
+    axes[0].legend()
+    fig.suptitle("SoPo: fewer online sampling steps, mean and 95% CI over seeds")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -170,6 +220,7 @@ def run(args) -> Dict[str, Dict[str, dict]]:
           f"(1.96 std / sqrt(n)), {args.steps} training steps per run.\n\n" + table(results) + "\n")
     atomic_write_text(out / "results.md", md)
     png = plot(results, out / "alignment_vs_fid.png")
+    plot_sampling(results, out / "sampling_tradeoff.png")
     print(table(results))
     if errors:
         raise ValueError("some runs failed:\n" + "\n".join(errors))

@@ -33,7 +33,8 @@ def test_plan_covers_methods_seeds_and_sweeps():
 def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     out = tmp_path / "study"
     argv = ["--out", str(out), "--backbones", "mdm", "--methods", "sopo", "--seeds", "0", "1",
-            "--taus", "0.5", "--ks", "--steps", "1", "--jobs", "2", "--data", str(assets["data"]),
+            "--taus", "0.5", "--ks", "--sampling", "1", "8", "--steps", "1", "--jobs", "2",
+            "--data", str(assets["data"]),
             "--mdm-base", str(assets["mdm"]), "--reward", str(assets["reward"]),
             "--evaluator", str(assets["evaluator"]),
             "--train-extra", "--batch-size 4 --k 2 --sampling-steps 2 --warmup 1",
@@ -41,16 +42,20 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     assert study.main(argv) == 0, capsys.readouterr()
     doc = json.loads((out / "results.json").read_text())
     res = doc["results"]
-    assert set(res) == {"mdm/base", "mdm/sopo", "mdm/sopo tau=0.50"} and doc["errors"] == []
+    assert set(res) == {"mdm/base", "mdm/sopo", "mdm/sopo tau=0.50", "mdm/sopo steps=1"}
+    assert doc["errors"] == []
     for name, r in res.items():
         assert r["FID"]["n"] == 2 and r["FID"]["ci95"] >= 0, name
         assert 0 <= r["R-precision top1"]["mean"] <= 1
+        # the training wall time of each fine-tuned run, from its summary.json
+        assert ("train s" in r) == (name != "mdm/base") and r.get("train s", {"mean": 1})["mean"] > 0
     md = (out / "results.md").read_text()
     assert "| mdm/sopo | 2 |" in md and "python -m sopo_ext.study" in md
     assert (out / "alignment_vs_fid.png").stat().st_size > 1000
+    assert (out / "sampling_tradeoff.png").stat().st_size > 1000
     # a second call finds every run done and only re-aggregates
     assert study.main(argv) == 0
-    assert "6 runs, 6 already done" in capsys.readouterr().out
+    assert "8 runs, 8 already done" in capsys.readouterr().out
 
 
 def test_failed_runs_are_reported(assets, tmp_path, capsys):
