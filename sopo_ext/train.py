@@ -33,6 +33,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt_io
 from ._cli import check_resume_settings, command_line, fingerprint, resolve_device, run_cli
 from .data.batches import MotionTextBatches
+from .data import judge
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
 from .methods import METHODS, PreferenceStep, StepConfig
@@ -109,16 +110,21 @@ def _seed_for(*parts: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ eval
-def evaluate(policy, diffusion, batches, evaluator, reward, args, device) -> Dict[str, float]:
-    from .evaluation import generate_split, generation_metrics
+def evaluate(policy, diffusion, batches, evaluator, reward, args, device, judged=None) -> Dict[str, float]:
+    """The evaluator's metrics of one generated motion per test caption; ``judged`` =
+    (specs, mean, std) adds the geometric detail checks (built-in data only)."""
+    from .evaluation import generate_split, generation_metrics, judged_accuracy
     moved = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in b.items()} for b in batches]
     gen = generate_split(policy, diffusion, moved, steps=args.eval_steps,
                          guidance_scale=args.eval_guidance, seed=args.seed + 1)
-    return generation_metrics(gen, batches, evaluator, reward, tau=args.tau, seed=args.seed)
+    out = generation_metrics(gen, batches, evaluator, reward, tau=args.tau, seed=args.seed)
+    if judged is not None:
+        out.update(judged_accuracy(gen, batches, *judged))
+    return out
 
 
 SUMMARY_KEYS = ["R-precision top1", "R-precision top2", "R-precision top3", "MM-Dist", "FID",
-                "Diversity", "detail accuracy", "reward", "frac reward >= {tau}"]
+                "Diversity", "detail accuracy", "judged details", "reward", "frac reward >= {tau}"]
 
 
 def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float) -> str:
@@ -189,6 +195,8 @@ def _run(args, D: "Dist") -> Dict[str, float]:
     train = HumanML3D(root, "train", seed=args.seed, max_len=args.max_len)
     test = HumanML3D(root, "test", seed=args.seed, max_len=args.max_len)
     mean, std = train.mean, train.std_safe
+    # the built-in dataset knows what every motion does: evaluation also judges the details
+    judged = (judge.load_specs(root), test.mean, test.std_safe) if (root / "specs.json").is_file() else None
     what = f"the dataset at {root}"
     base = _load(args.base, args.backbone, args.backbone, mean, std, what)
     if base.kind != args.backbone:
@@ -275,10 +283,11 @@ def _run(args, D: "Dist") -> Dict[str, float]:
         res = None
         if D.main and evaluator is not None:
             with phase("evaluation"):
-                res = evaluate(policy, diffusion, test_batches, evaluator, reward, args, device)
+                res = evaluate(policy, diffusion, test_batches, evaluator, reward, args, device, judged)
             log_eval(tag, res, at)
             print(f"[train] {tag} @ step {at}: " + ", ".join(
-                f"{k}={res[k]:.4f}" for k in ("R-precision top1", "MM-Dist", "FID", "detail accuracy", "reward")
+                f"{k}={res[k]:.4f}" for k in ("R-precision top1", "MM-Dist", "FID", "detail accuracy",
+                                              "judged details", "reward")
                 if k in res), flush=True)
         D.barrier()
         return res

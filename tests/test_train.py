@@ -122,6 +122,7 @@ def test_evaluation_rows_and_phase_times(assets, tmp_path):
     for r in evals:
         assert 0.0 <= float(r["eval R-precision top1"]) <= 1.0
         assert math.isfinite(float(r["eval FID"]))
+        assert 0.0 <= float(r["eval judged details"]) <= 1.0  # the tiny data is built-in
     meta = C.load_checkpoint(out / "model", "mdm").meta
     assert meta["metrics"]["before"]["FID"] == pytest.approx(float(evals[0]["eval FID"]), rel=1e-5)
     assert set(json.loads((out / "summary.json").read_text())["phase seconds"]) >= {"sampling", "loss"}
