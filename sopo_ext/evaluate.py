@@ -14,7 +14,9 @@ caption choice and sampling noise) and report the mean and the 95% confidence in
 the mean reward of the reward model, the fraction of samples with reward >= tau, and the
 detail accuracy (:func:`sopo_ext.evaluation.detail_accuracy`), and on the built-in dataset the
 ``judged`` accuracies: hand / leg / direction, heading and count checked by geometry against the
-ground truth (:func:`sopo_ext.evaluation.judged_accuracy`). Output: a table on stdout and,
+ground truth (:func:`sopo_ext.evaluation.judged_accuracy`); and the reward model's own grip on
+details, how often it scores a motion higher with its caption than with a near miss and by how
+much (:func:`sopo_ext.evaluation.reward_detail_accuracy`, on generated and on real motions). Output: a table on stdout and,
 with ``--json``, a JSON file.
 
 Defaults are sized for a CPU (3 replications, 50 DDIM steps); the original uses 20
@@ -39,7 +41,7 @@ from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
 from .data import judge
-from .evaluation import generate_split, generation_metrics, judged_accuracy
+from .evaluation import generate_split, generation_metrics, judged_accuracy, reward_detail_accuracy
 from .sampling import diffusion_from_meta
 
 __all__ = ["main", "parse_args", "run", "format_table"]
@@ -109,6 +111,9 @@ def run(args) -> Dict[str, Dict[str, float]]:
         m = generation_metrics(gen, batches, evaluator, reward, tau=args.tau, seed=args.seed + r)
         if specs is not None:
             m.update(judged_accuracy(gen, batches, specs, split.mean, split.std_safe))
+        if reward is not None:
+            m.update(reward_detail_accuracy(reward, batches, enc, gen))
+            m.update({f"real {k}": v for k, v in reward_detail_accuracy(reward, batches, enc).items()})
         for k, v in m.items():
             per_rep.setdefault(k, []).append(v)
         print(f"[evaluate] replication {r + 1}/{args.replications}: " + ", ".join(

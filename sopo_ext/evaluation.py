@@ -7,6 +7,7 @@ reward model shows up as a reward gain without an evaluator gain.
 """
 from __future__ import annotations
 
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -16,7 +17,8 @@ from . import metrics
 from .sampling import generate
 
 __all__ = ["embed_split", "retrieval_metrics", "generate_split", "generation_metrics",
-           "counterfactual_tokens", "detail_accuracy", "judge_split", "judged_accuracy"]
+           "counterfactual_tokens", "counterfactual_captions", "detail_accuracy",
+           "reward_detail_accuracy", "judge_split", "judged_accuracy"]
 
 #: word swaps that turn a caption into a near miss: same action, wrong detail. R-precision only
 #: asks "which of 32 captions", which a model gets right from the action alone; these ask whether
@@ -75,6 +77,53 @@ def counterfactual_tokens(tokens: Sequence[str]) -> List[List[str]]:
         if swap is not None:
             out.append(list(tokens[:i]) + [f"{swap}/{pos}" if sep else swap] + list(tokens[i + 1:]))
     return out
+
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def counterfactual_captions(caption: str) -> List[str]:
+    """Near misses of a caption's text, one per detail word (``DETAIL_SWAPS``), for models that
+    read raw text through a sentence encoder (the reward model)."""
+    out = []
+    for m in _WORD.finditer(caption):
+        swap = DETAIL_SWAPS.get(m.group(0).lower())
+        if swap is not None:
+            out.append(caption[:m.start()] + swap + caption[m.end():])
+    return out
+
+
+@torch.no_grad()
+def reward_detail_accuracy(reward, batches: Sequence[dict], text_encoder,
+                           motions: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, float]:
+    """The reward model's grip on details: how often it scores a motion higher with its own
+    caption than with a near miss (one detail word swapped), and the median score margin.
+
+    SoPo only uses an unpreferred sample when its reward is below tau; if a motion with the
+    wrong hand scores almost as high as with the right one, no detail error can ever cross tau.
+    """
+    reward.eval()
+    dev = next(reward.parameters()).device
+    margins = []
+    for i, b in enumerate(batches):
+        owner, swapped = [], []
+        for j, cap in enumerate(b["captions"]):
+            for cf in counterfactual_captions(cap):
+                owner.append(j)
+                swapped.append(cf)
+        if not owner:
+            continue
+        x = (motions[i] if motions is not None else b["motion"]).to(dev)
+        m = reward.encode_motion(x, b["mask"].to(dev))
+        idx = torch.as_tensor(owner, device=dev)
+        t_true = reward.encode_text(b["text_emb"].to(dev))[idx]
+        t_swap = reward.encode_text(text_encoder.encode(swapped).to(dev))
+        margins.append((reward.score(t_true, m[idx]) - reward.score(t_swap, m[idx])).float().cpu())
+    if not margins:
+        return {"reward detail accuracy": float("nan"), "reward detail margin": float("nan")}
+    d = torch.cat(margins)
+    return {"reward detail accuracy": float((d > 0).float().mean()),
+            "reward detail margin": float(d.median())}
 
 
 @torch.no_grad()

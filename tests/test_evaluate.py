@@ -32,7 +32,8 @@ def test_protocol_summary_and_json(assets, tmp_path, backbone, capsys):
     per, summ = doc["per_replication"], doc["summary"]
     for key in ("R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity",
                 "MultiModality", "reward", "frac reward >= 0.45", "detail accuracy",
-                "judged details", "judged side", "judged count"):
+                "judged details", "judged side", "judged count", "reward detail accuracy",
+                "reward detail margin", "real reward detail accuracy"):
         v = np.asarray(per[key], dtype=np.float64)
         assert len(v) == 3 and np.isfinite(v).all(), key
         assert summ[key]["mean"] == pytest.approx(v.mean())

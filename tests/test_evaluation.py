@@ -57,6 +57,55 @@ def test_detail_accuracy_is_one_for_right_and_zero_for_mirrored_motions():
     assert E.detail_accuracy(ev, [b], half)["detail accuracy"] == pytest.approx(2 / 3)
 
 
+class SideText:
+    """A sentence encoder for the side a caption names: [1, 0] left, [-1, 0] right."""
+
+    def encode(self, captions):
+        return torch.tensor([[1.0 if "left" in c else -1.0 if "right" in c else 0.0, 0.0]
+                             for c in captions])
+
+
+class SideReward(nn.Module):
+    """A reward model on top of it: text latent = the sentence embedding (plus a constant
+    component, so the cosine is defined), motion latent = the side of the first feature."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def encode_text(self, text_emb):
+        return text_emb + torch.tensor([0.0, 1.0])
+
+    def encode_motion(self, motion, mask):
+        return torch.stack([motion[:, 0, 0].sign(), torch.ones(len(motion))], dim=1)
+
+    @staticmethod
+    def score(t, m):
+        return torch.nn.functional.cosine_similarity(t, m, dim=-1) / 2 + 0.5
+
+
+def test_counterfactual_captions_swap_words_in_the_text():
+    assert E.counterfactual_captions("A man jumps forward twice.") == \
+        ["A man jumps backward twice.", "A man jumps forward once."]
+    assert E.counterfactual_captions("someone waves the Left hand") == ["someone waves the right hand"]
+    assert E.counterfactual_captions("a person sits down") == []
+    assert E.counterfactual_captions("leftover bright") == []  # whole words only
+
+
+def test_reward_detail_accuracy_and_margin():
+    b = batch(["left", "right", "left"])
+    b["captions"] = [f"a person waves the {s} hand" for s in ["left", "right", "left"]]
+    b["text_emb"] = SideText().encode(b["captions"])
+    got = E.reward_detail_accuracy(SideReward(), [b], SideText())
+    # right side: cos((1,1),(1,1)) = 1 -> score 1; wrong side: cos((-1,1),(1,1)) = 0 -> 0.5
+    assert got == {"reward detail accuracy": 1.0, "reward detail margin": pytest.approx(0.5)}
+    mirrored = [batch(["left", "right", "left"], flip=True)["motion"]]
+    flipped = E.reward_detail_accuracy(SideReward(), [b], SideText(), mirrored)
+    assert flipped == {"reward detail accuracy": 0.0, "reward detail margin": pytest.approx(-0.5)}
+    b["captions"] = ["a person sits down"] * 3
+    assert math.isnan(E.reward_detail_accuracy(SideReward(), [b], SideText())["reward detail accuracy"])
+
+
 def test_detail_accuracy_without_detail_words_is_nan():
     b = {"tokens": [["a/DET", "person/NOUN", "sits/VERB"]], "motion": torch.zeros(1, 3, 263),
          "mask": torch.ones(1, 3, dtype=torch.bool)}
