@@ -37,7 +37,7 @@ from .methods import METHODS
 __all__ = ["main", "parse_args", "run", "plan"]
 
 COLUMNS = ["R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity",
-           "detail accuracy", "judged details", "reward", "train s"]
+           "detail accuracy", "judged details", "reward", "train s", "train cpu s"]
 
 
 @dataclass
@@ -103,8 +103,9 @@ def _execute(run: Run, args, out: Path) -> Optional[str]:
 
 def aggregate(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
     """{backbone/label: {metric: {"mean", "ci95", "n"}}} over seeds (missing runs are skipped).
-    ``train s`` is the training wall time of the run (from its summary.json): runs go two at a
-    time on a shared machine, so compare it between runs of one study, not with benchmarks."""
+    ``train s`` is the training wall time of the run and ``train cpu s`` its CPU time (from its
+    summary.json): runs go two at a time on a shared machine, so compare them between runs of
+    one study, not with benchmarks; the CPU time does not count waiting for a core."""
     groups: Dict[str, Dict[str, List[float]]] = {}
     for r in runs:
         f = r.dir(out) / "eval.json"
@@ -116,7 +117,10 @@ def aggregate(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
             g.setdefault(k, []).append(v["mean"])
         train_summary = r.dir(out) / "train" / "summary.json"
         if train_summary.is_file():
-            g.setdefault("train s", []).append(float(json.loads(train_summary.read_text())["train seconds"]))
+            ts = json.loads(train_summary.read_text())
+            g.setdefault("train s", []).append(float(ts["train seconds"]))
+            if "train cpu seconds" in ts:  # older trainers recorded wall time only
+                g.setdefault("train cpu s", []).append(float(ts["train cpu seconds"]))
     return {name: {k: dict(zip(("mean", "ci95"), metrics.mean_ci(np.asarray(v))), n=len(v))
                    for k, v in g.items()} for name, g in groups.items()}
 
@@ -126,7 +130,7 @@ def table(results: Dict[str, Dict[str, dict]]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for name, res in results.items():
         n = max((v["n"] for v in res.values()), default=0)
-        fmt = lambda c: "{:.0f} ± {:.0f}" if c == "train s" else "{:.3f} ± {:.3f}"  # noqa: E731
+        fmt = lambda c: "{:.0f} ± {:.0f}" if c.startswith("train") else "{:.3f} ± {:.3f}"  # noqa: E731
         cells = [fmt(c).format(res[c]["mean"], res[c]["ci95"]) if c in res else "" for c in COLUMNS]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -181,14 +185,16 @@ def plot_sampling(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[s
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
     for bb, p in pts.items():
         steps = [n for n, _ in p]
-        for ax, key in zip(axes, ("R-precision top1", "judged details", "train s")):
+        time_key = "train cpu s" if all("train cpu s" in r for _, r in p) else "train s"
+        for ax, key in zip(axes, ("R-precision top1", "judged details", time_key)):
             vals = [r[key] for _, r in p if key in r]
             if len(vals) != len(steps):
                 continue
             ax.errorbar(steps, [v["mean"] for v in vals], yerr=[v["ci95"] for v in vals], fmt="o-",
                         capsize=3, label=bb)
             ax.set_xlabel("online sampling steps")
-            ax.set_title("training wall time (s)" if key == "train s" else key)
+            ax.set_title({"train s": "training wall time (s)",
+                          "train cpu s": "training CPU time (s)"}.get(key, key))
             ax.set_xscale("log", base=2)
     axes[0].legend()
     fig.suptitle("SoPo: fewer online sampling steps, mean and 95% CI over seeds")

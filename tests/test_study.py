@@ -50,6 +50,7 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
         # the training wall time of each fine-tuned run, from its summary.json
         # (summary.json rounds to 0.1 s, so a 1-step tiny run may record 0.0)
         assert ("train s" in r) == (name != "mdm/base") and r.get("train s", {"mean": 0})["mean"] >= 0
+        assert ("train cpu s" in r) == (name != "mdm/base")
     md = (out / "results.md").read_text()
     assert "| mdm/sopo | 2 |" in md and "python -m sopo_ext.study" in md
     assert (out / "alignment_vs_fid.png").stat().st_size > 1000

@@ -107,6 +107,7 @@ def test_one_step_of_each_method_and_backbone(method, backbone, assets, tmp_path
         assert loss > 0 and "valuable" not in r[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1
+    assert summary["train cpu seconds"] >= 0 and summary["train seconds"] >= 0
 
 
 def test_evaluation_rows_and_phase_times(assets, tmp_path):
