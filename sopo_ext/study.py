@@ -10,7 +10,9 @@ over seeds plus a plot of alignment (R-precision top1) against FID:
     python -m sopo_ext.study --out steps --backbones mdm --methods sopo --taus --ks --sampling 2 4 8 16
 
 Each run lives in ``<out>/runs/<backbone>/<label>-s<seed>/``; a run whose ``eval.json`` exists is
-not repeated, so an interrupted study continues where it stopped. ``--dry-run`` lists the runs.
+not repeated, so an interrupted study continues where it stopped. ``--dry-run`` lists the runs;
+``--report-only`` writes the table from the runs done so far and starts none (safe to call while
+another process is still running the study).
 Results: ``<out>/results.json``, ``<out>/results.md``, ``<out>/alignment_vs_fid.png`` (and with
 ``--sampling``, ``<out>/sampling_tradeoff.png``).
 """
@@ -214,16 +216,31 @@ def run(args) -> Dict[str, Dict[str, dict]]:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     todo = [r for r in runs if not (r.dir(out) / "eval.json").is_file()]
-    print(f"[study] {len(runs)} runs, {len(runs) - len(todo)} already done, {args.jobs} at a time", flush=True)
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        errors = [e for e in pool.map(lambda r: _execute(r, args, out), todo) if e]
+    if args.report_only:
+        if len(todo) == len(runs):
+            raise ValueError(f"--report-only: none of the {len(runs)} planned runs has an eval.json "
+                             f"under {out / 'runs'} (wrong --out, or a different grid?)")
+        print(f"[study] {len(runs)} runs, {len(runs) - len(todo)} done; reporting those, "
+              f"{len(todo)} not run", flush=True)
+        errors = []
+    else:
+        print(f"[study] {len(runs)} runs, {len(runs) - len(todo)} already done, {args.jobs} at a time",
+              flush=True)
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            errors = [e for e in pool.map(lambda r: _execute(r, args, out), todo) if e]
     results = aggregate(runs, out)
+    missing = [str(r.dir(out)) for r in todo] if args.report_only else []
     doc = {"command": command_line("sopo_ext.study", args.argv), "steps": args.steps,
-           "seeds": args.seeds, "results": results, "errors": errors,
+           "seeds": args.seeds, "results": results, "errors": errors, "missing runs": missing,
            "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
-    md = (f"Made by `{command_line('sopo_ext.study', args.argv)}`: mean ± 95% CI over seeds "
-          f"(1.96 std / sqrt(n)), {args.steps} training steps per run.\n\n" + table(results) + "\n")
+    # the runs are made by the command without --report-only; say which call tabulated them
+    made_by = command_line("sopo_ext.study", [a for a in args.argv if a != "--report-only"])
+    md = (f"Made by `{made_by}`" + (" (tabulated with `--report-only`)" if args.report_only else "")
+          + f": mean ± 95% CI over seeds "
+          f"(1.96 std / sqrt(n)), {args.steps} training steps per run."
+          + (f" **Partial: {len(missing)} of {len(runs)} runs not done yet.**" if missing else "")
+          + "\n\n" + table(results) + "\n")
     atomic_write_text(out / "results.md", md)
     png = plot(results, out / "alignment_vs_fid.png")
     plot_sampling(results, out / "sampling_tradeoff.png")
@@ -259,6 +276,8 @@ def parse_args(argv=None):
     a("--train-extra", default="", help="more flags for every python -m sopo_ext.train")
     a("--eval-extra", default="", help="more flags for every python -m sopo_ext.evaluate")
     a("--dry-run", action="store_true")
+    a("--report-only", action="store_true",
+      help="aggregate the runs done so far into the table and plots; start no run")
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1 or args.steps < 1:
         raise SystemExit("error: --jobs, --threads and --steps must be >= 1")

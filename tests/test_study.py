@@ -58,6 +58,23 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     # a second call finds every run done and only re-aggregates
     assert study.main(argv) == 0
     assert "8 runs, 8 already done" in capsys.readouterr().out
+    # --report-only on a larger grid tabulates the runs done and starts none of the others
+    before = {f for f in out.rglob("*") if f.is_file()}
+    assert study.main(argv[:argv.index("--seeds") + 1] + ["0", "1", "2"]
+                      + argv[argv.index("--seeds") + 3:] + ["--report-only"]) == 0
+    assert "12 runs, 8 done; reporting those, 4 not run" in capsys.readouterr().out
+    assert not (out / "runs" / "mdm" / "base-s2").exists()
+    partial = json.loads((out / "results.json").read_text())
+    assert len(partial["missing runs"]) == 4 and partial["results"]["mdm/sopo"]["FID"]["n"] == 2
+    assert partial["results"]["mdm/sopo"]["FID"] == res["mdm/sopo"]["FID"]
+    md = (out / "results.md").read_text()
+    assert "Partial: 4 of 12 runs" in md and "--report-only`)" in md
+    assert {f for f in out.rglob("*") if f.is_file()} - before == set()  # no new run files
+
+
+def test_report_only_without_runs_says_so(tmp_path, capsys):
+    assert study.main(["--out", str(tmp_path / "nothing"), "--backbones", "mdm", "--report-only"]) == 2
+    assert "none of the" in capsys.readouterr().err
 
 
 def test_failed_runs_are_reported(assets, tmp_path, capsys):
