@@ -53,6 +53,15 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
         assert ("train cpu s" in r) == (name != "mdm/base")
     md = (out / "results.md").read_text()
     assert "| mdm/sopo | 2 |" in md and "python -m sopo_ext.study" in md
+    # paired by seed: the run minus the base model at the same evaluation seed
+    fid = {d.name: json.loads((d / "eval.json").read_text())["summary"]["FID"]["mean"]
+           for d in (out / "runs" / "mdm").iterdir()}
+    diffs = [fid[f"sopo-s{s}"] - fid[f"base-s{s}"] for s in (0, 1)]
+    paired = doc["paired vs base"]
+    assert "mdm/base" not in paired and paired["mdm/sopo"]["FID"]["n"] == 2
+    assert paired["mdm/sopo"]["FID"]["mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired["mdm/sopo"]["FID"]["ci95"] == pytest.approx(1.96 * abs(diffs[0] - diffs[1]) / 2 / 2 ** 0.5)
+    assert "| mdm/sopo | 2 | " in md.split("Paired by seed")[1]
     assert (out / "alignment_vs_fid.png").stat().st_size > 1000
     assert (out / "sampling_tradeoff.png").stat().st_size > 1000
     # a second call finds every run done and only re-aggregates
