@@ -185,24 +185,53 @@ def table(results: Dict[str, Dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[str]:
+def _collapsed(results: Dict[str, Dict[str, dict]], name: str) -> bool:
+    """A run whose FID is over 3x its backbone's base model: listed beside the plot, not drawn,
+    so it does not squash every other point into a corner."""
+    base = results.get(name.split("/", 1)[0] + "/base", {}).get("FID")
+    fid = results.get(name, {}).get("FID")
+    return base is not None and fid is not None and fid["mean"] > 3 * base["mean"]
+
+
+def plot(results: Dict[str, Dict[str, dict]], path: Path,
+         deltas: Optional[Dict[str, Dict[str, dict]]] = None) -> Optional[str]:
+    """R-precision top1 against FID per run (mean and CI over seeds); with ``deltas``, a second
+    panel of the same against the base model at the same seed (paired differences)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for name, res in results.items():
-        if "FID" not in res or "R-precision top1" not in res:
-            continue
-        x, y = res["FID"], res["R-precision top1"]
-        ax.errorbar(x["mean"], y["mean"], xerr=x["ci95"], yerr=y["ci95"], fmt="o", capsize=3)
-        ax.annotate(name, (x["mean"], y["mean"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("FID (lower is better)")
-    ax.set_ylabel("R-precision top1 (higher is better)")
-    ax.set_title("alignment vs quality, mean and 95% CI over seeds")
-    fig.tight_layout()
+    panels = [(results, "FID (lower is better)", "R-precision top1 (higher is better)",
+               "alignment vs quality, mean and 95% CI over seeds")]
+    if deltas:
+        panels.append((deltas, "Δ FID vs base at the same seed (lower is better)",
+                       "Δ R-precision top1 vs base (higher is better)",
+                       "paired with the base model, mean and 95% CI"))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(results)}
+    markers = {name: "osD^v"[(i // 10) % 5] for i, name in enumerate(results)}
+    off = [n for n in results if _collapsed(results, n)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
+    for ax, (res_all, xlabel, ylabel, title) in zip(axes[0], panels):
+        for name, res in res_all.items():
+            if "FID" not in res or "R-precision top1" not in res or name in off:
+                continue
+            x, y = res["FID"], res["R-precision top1"]
+            ax.errorbar(x["mean"], y["mean"], xerr=x["ci95"], yerr=y["ci95"], fmt=markers[name],
+                        color=colors[name], capsize=3, label=name)
+        if res_all is deltas:
+            ax.axhline(0, color="grey", lw=0.8)
+            ax.axvline(0, color="grey", lw=0.8)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    note = "not drawn (FID > 3x base): " + ", ".join(
+        f"{n} (FID {results[n]['FID']['mean']:.1f})" for n in off) if off else None
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=7, frameon=False,
+               title=note, title_fontsize=7)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * ((len(labels) + 4) // 5), 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return str(path)
@@ -293,7 +322,7 @@ def run(args) -> Dict[str, Dict[str, dict]]:
           "Paired by seed: each run minus the base model evaluated at the same seed (same captions "
           "and noise), mean ± 95% CI over seeds.\n\n" + paired_table(deltas) + "\n")
     atomic_write_text(out / "results.md", md)
-    png = plot(results, out / "alignment_vs_fid.png")
+    png = plot(results, out / "alignment_vs_fid.png", deltas)
     plot_sampling(results, out / "sampling_tradeoff.png")
     print(table(results))
     if errors:
