@@ -19,6 +19,7 @@ Results: ``<out>/results.json``, ``<out>/results.md``, ``<out>/alignment_vs_fid.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shlex
 import subprocess
@@ -39,7 +40,8 @@ from .methods import METHODS
 __all__ = ["main", "parse_args", "run", "plan"]
 
 COLUMNS = ["R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity",
-           "detail accuracy", "judged details", "reward", "train s", "train cpu s"]
+           "detail accuracy", "judged details", "reward", "valuable in training", "train s",
+           "train cpu s"]
 
 
 @dataclass
@@ -105,7 +107,9 @@ def _execute(run: Run, args, out: Path) -> Optional[str]:
 
 def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]:
     """[(run, {metric: value})] for every run with an eval.json: its evaluation means plus
-    ``train s`` (training wall time) and ``train cpu s`` (CPU time) from its summary.json."""
+    ``train s`` (training wall time) and ``train cpu s`` (CPU time) from its summary.json and
+    ``valuable in training`` (the fraction of captions whose worst sample scored below tau, so
+    that the unpreferred term was used, over all steps) from its metrics.csv."""
     found: List[Tuple[Run, Dict[str, float]]] = []
     for r in runs:
         f = r.dir(out) / "eval.json"
@@ -118,8 +122,21 @@ def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]
             vals["train s"] = float(ts["train seconds"])
             if "train cpu seconds" in ts:  # older trainers recorded wall time only
                 vals["train cpu s"] = float(ts["train cpu seconds"])
+        valuable = _mean_column(r.dir(out) / "train" / "metrics.csv", "valuable")
+        if valuable is not None:
+            vals["valuable in training"] = valuable
         found.append((r, vals))
     return found
+
+
+def _mean_column(path: Path, column: str) -> Optional[float]:
+    """Mean of a column of the trainer's metrics.csv over its steps (None: no file, no column, or
+    a method that does not log it, such as SFT's empty cells)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        vals = [float(row[column]) for row in csv.DictReader(f) if row.get(column) not in (None, "")]
+    return float(np.mean(vals)) if vals else None
 
 
 def _ci(groups: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str, dict]]:

@@ -62,6 +62,15 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     assert paired["mdm/sopo"]["FID"]["mean"] == pytest.approx(sum(diffs) / 2)
     assert paired["mdm/sopo"]["FID"]["ci95"] == pytest.approx(1.96 * abs(diffs[0] - diffs[1]) / 2 / 2 ** 0.5)
     assert "| mdm/sopo | 2 | " in md.split("Paired by seed")[1]
+    # the fraction of captions whose unpreferred term was used, over each run's training steps
+    import csv
+    per_seed = []
+    for s in (0, 1):
+        with open(out / "runs" / "mdm" / f"sopo-s{s}" / "train" / "metrics.csv") as f:
+            col = [float(row["valuable"]) for row in csv.DictReader(f)]
+        per_seed.append(sum(col) / len(col))
+    assert res["mdm/sopo"]["valuable in training"]["mean"] == pytest.approx(sum(per_seed) / 2)
+    assert "valuable in training" not in res["mdm/base"]
     assert (out / "alignment_vs_fid.png").stat().st_size > 1000
     assert (out / "sampling_tradeoff.png").stat().st_size > 1000
     # a second call finds every run done and only re-aggregates
