@@ -231,6 +231,9 @@ def _run(args, D: "Dist") -> Dict[str, float]:
 
     # ---- resume ------------------------------------------------------------------------------
     step, state, history = 0, None, {}
+    # time spent before a resume (up to its checkpoint), so the summary's times cover the whole run
+    clock: Dict[str, object] = {"train seconds": 0.0, "train cpu seconds": 0.0, "phase seconds": {}}
+    resumed_at: List[int] = []
     last = out / "last"
     if args.resume:
         ckpt_io.recover(last)
@@ -245,6 +248,8 @@ def _run(args, D: "Dist") -> Dict[str, float]:
             sched.load_state_dict(state["scheduler"])
             set_rng_state(state["rng"])
             step, history = int(state["step"]), dict(state.get("history", {}))
+            clock = dict(state.get("clock", clock))
+            resumed_at = list(state.get("resumed at", [])) + [step]
             if D.main:
                 print(f"[train] resumed from {last} at step {step}")
         elif D.main:
@@ -336,6 +341,18 @@ def _run(args, D: "Dist") -> Dict[str, float]:
 
     reset_phase_times()
     t0, cpu0 = time.perf_counter(), time.process_time()
+
+    def run_clock() -> Dict[str, object]:
+        """Training wall time, CPU time (of this process, all its threads: unlike wall time it does
+        not grow while the process waits for a shared core or is paused, so runs on a busy machine
+        stay comparable) and per-phase times, including the time before any resume."""
+        phases = dict(clock["phase seconds"])
+        for k, v in phase_times().items():
+            phases[k] = phases.get(k, 0.0) + v
+        return {"train seconds": clock["train seconds"] + time.perf_counter() - t0,
+                "train cpu seconds": clock["train cpu seconds"] + time.process_time() - cpu0,
+                "phase seconds": phases}
+
     stop_at = step + args.stop_after if args.stop_after else None
     while step < args.steps:
         idx = batches.indices(step)
@@ -375,7 +392,8 @@ def _run(args, D: "Dist") -> Dict[str, float]:
                     # (a resume drops rows past the checkpoint's step)
                     log.flush()
                     ts = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                          "rng": rng_state(), "args": _fingerprint(args), "history": history}
+                          "rng": rng_state(), "args": _fingerprint(args), "history": history,
+                          "clock": run_clock(), "resumed at": resumed_at}
                     ckpt_io.save_checkpoint(last, policy, meta=_meta(args, base, step), mean=mean,
                                             std=std, train_state=ts)
             D.barrier()
@@ -385,11 +403,9 @@ def _run(args, D: "Dist") -> Dict[str, float]:
                 print(f"[train] stopped after step {step} (--stop-after); continue with --resume")
             return {}
     bar.close()
-    train_seconds = time.perf_counter() - t0
-    # CPU time of this process (all its threads): unlike wall time it does not grow while the
-    # process waits for a shared core or is paused, so runs on a busy machine stay comparable
-    train_cpu_seconds = time.process_time() - cpu0
-    times = phase_times()
+    final_clock = run_clock()
+    train_seconds, train_cpu_seconds = final_clock["train seconds"], final_clock["train cpu seconds"]
+    times = final_clock["phase seconds"]
 
     # ---- the end: evaluation, checkpoint, pictures, summary ------------------------------------
     after = do_eval("eval", step) if args.eval_after else None
@@ -405,6 +421,8 @@ def _run(args, D: "Dist") -> Dict[str, float]:
                    "train seconds": round(train_seconds, 1),
                    "train cpu seconds": round(train_cpu_seconds, 1),
                    "phase seconds": {k: round(v, 2) for k, v in sorted(times.items())},
+                   # the times above add the runs before each resume up to their checkpoints
+                   **({"resumed at steps": resumed_at} if resumed_at else {}),
                    "animations": gifs, "command": command_line("sopo_ext.train", args.argv)}
         ckpt_io.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1) + "\n")
         log.flush()

@@ -238,8 +238,21 @@ def test_stop_after_and_resume_equal_an_uninterrupted_run(method, backbone, asse
     assert train.main(targv(assets, part, method, backbone, "--stop-after", "2", steps=4)) == 0
     assert not (part / "model").exists()
     assert C.load_checkpoint(part / "last", backbone).meta["steps"] == 2
+    state_file = part / "last" / C.TRAIN_STATE
+    state = torch.load(state_file, weights_only=False)
+    assert state["clock"]["train cpu seconds"] > 0 and state["clock"]["phase seconds"]["loss"] > 0
+    # pretend the first part took 1000 s (500 s of loss), so the sum is unmistakable
+    state["clock"].update({"train seconds": 1000.0, "train cpu seconds": 1000.0})
+    state["clock"]["phase seconds"]["loss"] = 500.0
+    torch.save(state, state_file)
     assert train.main(targv(assets, part, method, backbone, "--resume", steps=4)) == 0
     assert "resumed from" in capsys.readouterr().out
+    # the summary's times cover the whole run, not just the part after the resume
+    summary = json.loads((part / "summary.json").read_text())
+    assert summary["resumed at steps"] == [2] and "resumed at steps" not in json.loads(
+        (full / "summary.json").read_text())
+    assert 1000 <= summary["train seconds"] < 1100 and 1000 <= summary["train cpu seconds"] < 1100
+    assert 500 <= summary["phase seconds"]["loss"] < 600
     assert_same_weights(weights(full / "model"), weights(part / "model"))
     drop = lambda rs: [{k: v for k, v in r.items() if k != "lr"} for r in rs]  # noqa: E731
     assert drop(train_rows(full)) == drop(train_rows(part))
