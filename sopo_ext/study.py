@@ -117,7 +117,7 @@ def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]
             continue
         vals = {k: v["mean"] for k, v in json.loads(f.read_text())["summary"].items()}
         train_summary = r.dir(out) / "train" / "summary.json"
-        if train_summary.is_file():
+        if train_summary.is_file() and not _timed_after_resume_only(r.dir(out), train_summary):
             ts = json.loads(train_summary.read_text())
             vals["train s"] = float(ts["train seconds"])
             if "train cpu seconds" in ts:  # older trainers recorded wall time only
@@ -127,6 +127,15 @@ def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]
             vals["valuable in training"] = valuable
         found.append((r, vals))
     return found
+
+
+def _timed_after_resume_only(run_dir: Path, train_summary: Path) -> bool:
+    """True for a run that was resumed by a trainer older than the one that carries its clock
+    across resumes: its summary.json times only the part after the last resume, so its time is
+    left out of the table rather than reported too small."""
+    log = run_dir / "train.log"
+    resumed = log.is_file() and "[train] resumed from" in log.read_text(errors="replace")
+    return resumed and "resumed at steps" not in json.loads(train_summary.read_text())
 
 
 def _mean_column(path: Path, column: str) -> Optional[float]:
@@ -197,7 +206,9 @@ def table(results: Dict[str, Dict[str, dict]]) -> str:
     for name, res in results.items():
         n = max((v["n"] for v in res.values()), default=0)
         fmt = lambda c: "{:.0f} ± {:.0f}" if c.startswith("train") else "{:.3f} ± {:.3f}"  # noqa: E731
-        cells = [fmt(c).format(res[c]["mean"], res[c]["ci95"]) if c in res else "" for c in COLUMNS]
+        cells = [fmt(c).format(res[c]["mean"], res[c]["ci95"])
+                 + (f" (n={res[c]['n']})" if res[c]["n"] < n else "") if c in res else ""
+                 for c in COLUMNS]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -101,3 +101,19 @@ def test_failed_runs_are_reported(assets, tmp_path, capsys):
             "--mdm-base", str(tmp_path / "missing"), "--eval-extra", "--samples 32 --steps 2"]
     assert study.main(argv) == 2
     assert "training failed" in capsys.readouterr().err
+
+
+def test_times_of_runs_resumed_by_an_older_trainer_are_left_out(tmp_path):
+    """Before the trainer carried its clock across resumes, summary.json timed only the last
+    part: such a run's time is not put in the table (it would look too fast)."""
+    run = tmp_path / "r"
+    (run / "train").mkdir(parents=True)
+    summary = run / "train" / "summary.json"
+    summary.write_text(json.dumps({"train seconds": 0.0}))
+    (run / "train.log").write_text("[train] resumed from x/last at step 200\n")
+    assert study._timed_after_resume_only(run, summary)
+    summary.write_text(json.dumps({"train seconds": 210.0, "resumed at steps": [200]}))
+    assert not study._timed_after_resume_only(run, summary)
+    (run / "train.log").write_text("[train] --resume: no checkpoint in x/last yet\n")
+    summary.write_text(json.dumps({"train seconds": 210.0}))
+    assert not study._timed_after_resume_only(run, summary)
