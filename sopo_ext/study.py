@@ -288,11 +288,11 @@ def plot_sampling(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[s
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.8))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     for bb, p in pts.items():
         steps = [n for n, _ in p]
         time_key = "train cpu s" if all("train cpu s" in r for _, r in p) else "train s"
-        for ax, key in zip(axes, ("R-precision top1", "judged details", time_key)):
+        for ax, key in zip(axes, ("R-precision top1", "FID", "judged details", time_key)):
             vals = [r[key] for _, r in p if key in r]
             if len(vals) != len(steps):
                 continue
@@ -302,6 +302,8 @@ def plot_sampling(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[s
             ax.set_title({"train s": "training wall time (s)",
                           "train cpu s": "training CPU time (s)"}.get(key, key))
             ax.set_xscale("log", base=2)
+            ax.set_xticks(steps, [str(n) for n in steps])
+            ax.minorticks_off()
     axes[0].legend()
     fig.suptitle("SoPo: fewer online sampling steps, mean and 95% CI over seeds")
     fig.tight_layout()
