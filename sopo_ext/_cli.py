@@ -1,6 +1,8 @@
 """What the package's command-line entry points (pretrain, train, evaluate, study) share."""
 from __future__ import annotations
 
+import shlex
+
 import sys
 from typing import Callable, Iterable, Sequence
 
@@ -31,7 +33,8 @@ def resolve_device(arg: str, local_rank: int = 0) -> torch.device:
 
 def command_line(prog: str, argv: Sequence[str]) -> str:
     """The command that makes a run's result: ``argv`` without --resume / --stop-after N, so an
-    interrupted and resumed run records the same command as an uninterrupted one."""
+    interrupted and resumed run records the same command as an uninterrupted one. Arguments are
+    shell-quoted, so the recorded command can be pasted back into a shell."""
     out, skip = [], 0
     for a in argv:
         if skip:
@@ -40,7 +43,7 @@ def command_line(prog: str, argv: Sequence[str]) -> str:
             skip = _INTERRUPTION_FLAGS[a]
         else:
             out.append(a)
-    return " ".join(["python -m", prog, *out])
+    return " ".join(["python -m", prog, *(shlex.quote(a) for a in out)])
 
 
 def fingerprint(args, free: Iterable[str]) -> dict:
