@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import shlex
-
 import sys
 from typing import Callable, Iterable, Sequence
 

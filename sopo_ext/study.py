@@ -117,8 +117,8 @@ def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]
             continue
         vals = {k: v["mean"] for k, v in json.loads(f.read_text())["summary"].items()}
         train_summary = r.dir(out) / "train" / "summary.json"
-        if train_summary.is_file() and not _timed_after_resume_only(r.dir(out), train_summary):
-            ts = json.loads(train_summary.read_text())
+        ts = json.loads(train_summary.read_text()) if train_summary.is_file() else None
+        if ts is not None and not _timed_after_resume_only(r.dir(out), ts):
             vals["train s"] = float(ts["train seconds"])
             if "train cpu seconds" in ts:  # older trainers recorded wall time only
                 vals["train cpu s"] = float(ts["train cpu seconds"])
@@ -129,13 +129,13 @@ def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]
     return found
 
 
-def _timed_after_resume_only(run_dir: Path, train_summary: Path) -> bool:
+def _timed_after_resume_only(run_dir: Path, train_summary: dict) -> bool:
     """True for a run that was resumed by a trainer older than the one that carries its clock
     across resumes: its summary.json times only the part after the last resume, so its time is
     left out of the table rather than reported too small."""
     log = run_dir / "train.log"
     resumed = log.is_file() and "[train] resumed from" in log.read_text(errors="replace")
-    return resumed and "resumed at steps" not in json.loads(train_summary.read_text())
+    return resumed and "resumed at steps" not in train_summary
 
 
 def _mean_column(path: Path, column: str) -> Optional[float]:
@@ -153,13 +153,13 @@ def _ci(groups: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str, dict]]
                    for k, v in g.items()} for name, g in groups.items()}
 
 
-def aggregate(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
+def aggregate(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, dict]]:
     """{backbone/label: {metric: {"mean", "ci95", "n"}}} over seeds (missing runs are skipped).
     ``train s`` is the training wall time of the run and ``train cpu s`` its CPU time (from its
     summary.json): runs go two at a time on a shared machine, so compare them between runs of
     one study, not with benchmarks; the CPU time does not count waiting for a core."""
     groups: Dict[str, Dict[str, List[float]]] = {}
-    for r, vals in _summaries(runs, out):
+    for r, vals in found:
         g = groups.setdefault(f"{r.backbone}/{r.label}", {})
         for k, v in vals.items():
             g.setdefault(k, []).append(v)
@@ -169,13 +169,12 @@ def aggregate(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
 PAIRED = ["R-precision top1", "FID", "detail accuracy", "judged details", "reward"]
 
 
-def paired_vs_base(runs: List[Run], out: Path) -> Dict[str, Dict[str, dict]]:
+def paired_vs_base(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, dict]]:
     """{backbone/label: {metric: mean +/- CI of (run - base)}} over the seeds where both exist.
     The evaluation of a run and of the base model at the same seed draws the same captions and
     noise, so the difference cancels much of the evaluation's own sampling noise, which on a
     300-caption test split is as large as the effects (FID of the base moves 3.6 -> 4.2 between
     evaluation seeds)."""
-    found = _summaries(runs, out)
     base = {(r.backbone, r.seed): v for r, v in found if r.label == "base"}
     groups: Dict[str, Dict[str, List[float]]] = {}
     for r, vals in found:
@@ -334,8 +333,9 @@ def run(args) -> Dict[str, Dict[str, dict]]:
               flush=True)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             errors = [e for e in pool.map(lambda r: _execute(r, args, out), todo) if e]
-    results = aggregate(runs, out)
-    deltas = paired_vs_base(runs, out)
+    found = _summaries(runs, out)  # every run's files are read once, for both tables
+    results = aggregate(found)
+    deltas = paired_vs_base(found)
     missing = [str(r.dir(out)) for r in todo] if args.report_only else []
     doc = {"command": command_line("sopo_ext.study", args.argv), "steps": args.steps,
            "seeds": args.seeds, "results": results,
