@@ -8,8 +8,9 @@ The protocol of T2M / MDM (``eval_humanml.py``): on the test split, generate one
 caption at the real motion's length, embed texts, generated and real motions with the
 evaluator, and compute R-precision top-1/2/3 within batches of 32, MM-Dist, FID against the real
 motions, and Diversity over 300 pairs; repeat for several replications (each with its own
-caption choice and sampling noise) and report the mean and the 95% confidence interval
-(1.96 std / sqrt(n)). MultiModality generates ``--mm-repeats`` motions for each of
+caption choice and sampling noise) and report the mean and the 95% Student-t confidence
+interval over replications (t_{n-1} s / sqrt(n), sample std; "n/a" with one replication; the
+original prints 1.96 std / sqrt(n) with the population std, too narrow for few replications). MultiModality generates ``--mm-repeats`` motions for each of
 ``--mm-captions`` captions and averages the distance of 10 random pairs per caption. On top:
 the mean reward of the reward model, the fraction of samples with reward >= tau, and the
 detail accuracy (:func:`sopo_ext.evaluation.detail_accuracy`), and on the built-in dataset the
@@ -26,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
@@ -70,7 +71,9 @@ def _multimodality(model, diffusion, evaluator, batches, args, device) -> float:
 def format_table(summary: Dict[str, Dict[str, float]]) -> str:
     lines = [f"{'metric':28s} {'mean':>10s} {'95% CI':>9s}"]
     for k, v in summary.items():
-        lines.append(f"{k:28s} {v['mean']:10.4f} {v['ci95']:9.4f}")
+        ci = v.get("ci95")
+        lines.append(f"{k:28s} {v['mean']:10.4f} " + (f"{ci:9.4f}" if ci is not None and math.isfinite(ci)
+                                                      else f"{'n/a':>9s}"))
     return "\n".join(lines)
 
 
@@ -122,7 +125,8 @@ def run(args) -> Dict[str, Dict[str, float]]:
         mm = [_multimodality(model, diffusion, evaluator, batcher.eval_batches(32, epoch=r), args, device)
               for r in range(args.replications)]
         per_rep["MultiModality"] = mm
-    summary = {k: dict(zip(("mean", "ci95"), metrics.mean_ci(np.asarray(v)))) for k, v in per_rep.items()}
+    # Student-t interval over replications (none with one replication: "n/a" / null)
+    summary = {k: metrics.ci_record(v) for k, v in per_rep.items()}
     print(f"\n[evaluate] {args.ckpt} on {root} ({args.split}), {args.replications} replications, "
           f"{time.perf_counter() - t0:.0f} s")
     print(format_table(summary))

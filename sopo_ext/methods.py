@@ -24,22 +24,49 @@ usopo           dataset motion    worst of K online        worst < tau  beta
 sopo-no-vu      dataset motion    worst of K online        always       beta (C - S)
 dsopo           dataset motion    worst of K online        always       beta
 online-dpo      best of K online  worst of K online        always       beta
-diffusion-dpo   best of K offline worst of K offline       always       beta
+modipo          best of K offline worst of K offline       always       beta
 sft             (plain diffusion loss on the dataset motion: a control)
 ============== ================= ======================= ============ =============
 
 "offline" (MoDiPO-style) pairs are K samples of the frozen reference model per training
 sample, generated the first time the sample is seen (with a seed derived from the run's seed
 and the sample's index, so a resumed run gets identical pairs) and ranked by the reward.
+``modipo`` with ``scale_regime="diffusion-dpo"`` is Diffusion-DPO (Wallace et al.) on those
+pairs: shared noise and t, ``scale = beta_dpo / 2``.
 
-Two choices keep the preference loss honest: the policy runs without dropout (so at step 0 it
-equals the reference and every ``d = L(policy) - L(ref)`` is exactly 0), and the
-classifier-free-guidance text dropout, when enabled, drops the same captions for the policy and
-the reference.
+**The regime of the sigmoid** (``scale_regime``). ``z = -scale (beta_w d_w - beta v d_l)`` with
+``d`` the difference of two per-element *mean* squared errors, which is ~1e-3 here:
+
+* ``constant`` (default, ``scale`` = 1: the official release, which has no T omega_t): z ~ 1e-3,
+  sigma(-z) ~ 1/2 is constant, so the frozen reference drops out of the gradient and the loss is
+  0.5 (beta_w grad L(x_w) - beta v grad L(x_l)): reweighted SFT plus an unlikelihood term.
+* ``diffusion-dpo``: ``scale = beta_dpo / 2`` (5000 / 2 = 2500: Diffusion-DPO's constant, which
+  folds T omega(lambda_t) into beta_dpo) on the backbone's own loss (x0 for MDM, eps for MLD).
+  |z| ~ 1-10: the sigmoid saturates, pairs the policy already ranks right stop contributing.
+* ``paper``: Eq. 16 of the SoPo paper, ``scale_t = T omega_t`` per timestep with omega_t = 1 on
+  the eps-MSE of Eq. 16; on an x0 loss that is ``T * SNR(t)`` (||eps_hat - eps||^2 =
+  SNR(t) ||x0_hat - x0||^2), on an eps loss ``T``. Very large at small t.
+
+The step logs z's distribution (``z mean``, ``|z| p10 / p50 / p90``), ``sigmoid(-z)`` (the
+per-pair gradient weight: 0.5 everywhere means the linear regime) and the implicit accuracy
+(``z > 0``), so a run shows which regime it is in.
+
+Every method, SFT included, runs the policy forward the same way: without dropout (so at step 0
+it equals the reference and every ``d = L(policy) - L(ref)`` is exactly 0) and with the
+classifier-free-guidance text dropout ``cond_drop`` (default 0) drawn per caption from the step's
+generator, the same captions for the policy and the reference. So SFT differs from the
+preference methods in the loss only. Noised inputs are zero at padded frames, as
+``GaussianDiffusion.training_losses`` and the samplers build them.
+
+A sample whose reward is not finite is never selected (neither worst nor best) and is counted in
+``nan rewards``; a caption with no finite reward contributes nothing to the loss (its pair is
+dropped, z = 0 with zero gradient). A non-finite *prediction* still makes the loss non-finite,
+which stops the trainer.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -50,7 +77,8 @@ from . import functional as SF
 from .diffusion import GaussianDiffusion, repeat_interleave_batch
 from .profiling import phase
 
-__all__ = ["METHODS", "MethodSpec", "StepConfig", "PreferenceStep"]
+__all__ = ["METHODS", "RENAMED_METHODS", "SCALE_REGIMES", "MethodSpec", "StepConfig", "PreferenceStep",
+           "z_statistics"]
 
 
 @dataclass(frozen=True)
@@ -66,9 +94,19 @@ METHODS: Dict[str, MethodSpec] = {
     "sopo-no-vu": MethodSpec("data-vs-online", threshold=False, reweight=True),
     "dsopo": MethodSpec("data-vs-online", threshold=False, reweight=False),
     "online-dpo": MethodSpec("online", threshold=False, reweight=False),
-    "diffusion-dpo": MethodSpec("offline", threshold=False, reweight=False),
+    "modipo": MethodSpec("offline", threshold=False, reweight=False),
     "sft": MethodSpec("none", threshold=False, reweight=False),
 }
+
+
+#: old method names -> why they are gone (``StepConfig`` and the CLI say so instead of "unknown").
+RENAMED_METHODS = {
+    "diffusion-dpo": "'diffusion-dpo' was MoDiPO-style offline pairs at scale 1 and is now called "
+                     "'modipo'; for Diffusion-DPO's own settings (beta_dpo 5000, shared noise and t) use "
+                     "--preset diffusion-dpo (StepConfig(method='modipo', scale_regime='diffusion-dpo'))",
+}
+#: how z is scaled (module docstring): a constant, Diffusion-DPO's beta_dpo / 2, or T omega_t.
+SCALE_REGIMES = ("constant", "diffusion-dpo", "paper")
 
 
 @dataclass
@@ -78,7 +116,9 @@ class StepConfig:
     tau: float = 0.45
     c: float = 2.0
     beta: float = 1.0
-    scale: float = 1.0
+    scale: float = 1.0  # the constant of scale_regime="constant" (the official release: 1)
+    scale_regime: str = "constant"  # "constant" | "diffusion-dpo" | "paper" (module docstring)
+    beta_dpo: float = 5000.0  # scale_regime="diffusion-dpo": scale = beta_dpo / 2
     sampling_steps: int = 8
     sampler: str = "ddim"
     guidance_scale: float = 1.0  # CFG of the online samples (the official release: none)
@@ -89,8 +129,19 @@ class StepConfig:
     min_bucket_rows: int = 16  # ... each with at least this many samples (smaller batches run slower)
 
     def __post_init__(self):
+        if self.method in RENAMED_METHODS:
+            raise ValueError(RENAMED_METHODS[self.method])
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {sorted(METHODS)}, got {self.method!r}")
+        if self.scale_regime not in SCALE_REGIMES:
+            raise ValueError(f"scale_regime must be one of {SCALE_REGIMES}, got {self.scale_regime!r}")
+        for name in ("scale", "beta_dpo", "beta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"{name} must be a positive finite number, got {v!r}")
+        if self.scale_regime != "constant" and self.scale != 1.0:
+            raise ValueError(f"scale={self.scale} is the constant of scale_regime='constant'; "
+                             f"scale_regime={self.scale_regime!r} sets the scale itself")
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k must be a positive int, got {self.k!r}")
         if METHODS[self.method].pairs in ("online", "offline") and self.k < 2:
@@ -243,8 +294,13 @@ class PreferenceStep:
             x, motions, mk = self.sample(self.reference, te, m, self.cfg.k, generator_for_index(idx))
             t_lat, g_lat = self.embed(te, motions, mk)
             r = SF.reward_scores(t_lat, g_lat.view(1, self.cfg.k, -1), tau=self.cfg.tau)
-            best = int(r.scores.argmax(1))
-            worst = int(r.worst_index)
+            finite = torch.isfinite(r.scores[0])
+            if not bool(finite.any()):  # generated once per sample: this read-back is not per step
+                raise FloatingPointError(f"every one of the K={self.cfg.k} reference samples of dataset "
+                                         f"index {idx} has a non-finite reward: no offline pair")
+            inf = torch.tensor(float("inf"), dtype=r.scores.dtype, device=r.scores.device)
+            best = int(torch.where(finite, r.scores[0], -inf).argmax())
+            worst = int(torch.where(finite, r.scores[0], inf).argmin())
             self.offline_cache[idx] = (x[best].clone(), x[worst].clone(),
                                        torch.stack([r.scores[0, best], r.scores[0, worst]]))
         items = [self.offline_cache[int(idx)] for idx in batch["indices"]]
@@ -289,32 +345,81 @@ class PreferenceStep:
                 g_lat = g_lat.view(B, cfg.k, -1)
                 r = SF.reward_scores(t_lat, g_lat, tau=cfg.tau)
             with phase("selection"):
+                sel = _finite_selection(r, g_lat, cfg.tau)
                 x_gen = x_gen.view(B, cfg.k, *x_gen.shape[1:])
                 rows = torch.arange(B, device=text.device)
-                x_l = x_gen[rows, r.worst_index]
-                valuable = r.valuable if spec.threshold else torch.ones_like(r.valuable)
+                # a caption without a finite reward has no pair: its terms get weight 0 below,
+                # and its dataset motion stands in for samples that may themselves be NaN
+                # (0 * NaN would still poison the loss)
+                keep = sel.usable.view(B, *([1] * (x_data.dim() - 1)))
+                x_l = torch.where(keep, x_gen[rows, sel.worst_index], x_data)
+                valuable = (sel.valuable if spec.threshold else torch.ones_like(sel.valuable)) & sel.usable
                 if spec.pairs == "online":
-                    x_w = x_gen[rows, r.scores.argmax(1)]
+                    x_w = torch.where(keep, x_gen[rows, sel.best_index], x_data)
                 else:
                     x_w = x_data
-                beta_w = cfg.beta
+                beta_w: object = cfg.beta * sel.usable.float()
                 if spec.reweight:
                     with torch.no_grad(), self._autocast():
                         w_lat = self.reward.encode_motion(batch["motion"], mask).float()
-                    S = SF.min_cosine_similarity(w_lat, g_lat)
-                    beta_w = cfg.beta * (cfg.c - S)
-                    stats["S"] = S.mean()
-                stats["reward"] = r.scores.mean()
-                stats["worst reward"] = r.worst_score.mean()
+                    S = SF.min_cosine_similarity(w_lat, sel.embeddings)
+                    beta_w = torch.where(sel.usable, cfg.beta * (cfg.c - S), torch.zeros_like(S))
+                    stats["S"] = _masked_mean(S, sel.usable)
+                stats["reward"] = _masked_mean(sel.scores, sel.finite)
+                stats["worst reward"] = _masked_mean(sel.worst_score, sel.usable)
+                stats["nan rewards"] = (~sel.finite).sum().float()
         stats["valuable"] = valuable.float().mean()
         with self.diffusion.trusted():  # t is drawn below, in range: no range read-back
             loss, lstats = self._dpo_loss(x_w, x_l, text, space_mask, beta_w, valuable, generator)
-        stats["accuracy"] = (lstats.z > 0).float().mean()
+        stats.update(z_statistics(lstats.z))
         stats["beta_w"] = torch.as_tensor(beta_w, dtype=torch.float32).mean()
         return loss, stats
 
-    def _noised(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        return self.diffusion.q_sample(x0, t, noise)
+    def _noised(self, x0: Tensor, t: Tensor, noise: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """q(x_t | x0), zero at padded frames: exactly what ``training_losses`` and the samplers
+        feed the model (a backbone that does not mask its input, like the official MDM, would
+        otherwise see noise in the padding that the policy and reference terms do not share)."""
+        x_t = self.diffusion.q_sample(x0, t, noise)
+        if mask is None:
+            return x_t
+        return x_t * mask[..., None].to(x_t.dtype)
+
+    def _uncond(self, B: int, generator, dev) -> Tensor:
+        """Rows whose caption is dropped (CFG training), drawn per caption with probability
+        ``cond_drop``; all False by default. One rule for every method, SFT included."""
+        if self.cfg.cond_drop > 0:
+            return torch.rand(B, generator=generator, device=dev) < self.cfg.cond_drop
+        return torch.zeros(B, dtype=torch.bool, device=dev)
+
+    def _policy_forward(self, x_t, t, text, mask, uncond) -> Tensor:
+        """The policy's training forward, through the DDP wrapper (so gradients are reduced), in
+        eval mode: no dropout, for every method (module docstring)."""
+        inner = _unwrap(self.policy)
+        was_training = inner.training
+        inner.eval()
+        try:
+            with self._autocast():
+                return self.policy(x_t, t, text, mask, uncond).float()
+        finally:
+            inner.train(was_training)
+
+    def _scale(self, t: Tensor) -> object:
+        """The factor of z (module docstring): a float, or a [B] tensor for ``paper``."""
+        cfg = self.cfg
+        if cfg.scale_regime == "constant":
+            return cfg.scale
+        if cfg.scale_regime == "diffusion-dpo":
+            return 0.5 * cfg.beta_dpo
+        # paper: T omega_t with omega_t = 1 on the eps-MSE of Eq. 16 -> T * SNR(t) on an x0 loss
+        T = float(self.diffusion.num_steps)
+        if self.prediction != "x0":
+            return T
+        table = getattr(self, "_snr_table", None)
+        if table is None or table.device != t.device:  # once per device: no read-back per step
+            abar = self.diffusion.alphas_cumprod.double()
+            table = (abar / (1.0 - abar)).float().to(t.device)
+            self._snr_table = table
+        return T * table[t]
 
     def _dpo_loss(self, x_w, x_l, text, mask, beta_w, valuable, generator):
         cfg = self.cfg
@@ -328,32 +433,21 @@ class PreferenceStep:
             n_pw = n_rw = n_pl = n_rl = noises[0]
         else:  # the official SoPo code: a fresh draw for each of the four terms
             n_pw, n_rw, n_pl, n_rl = noises
-        uncond = None
-        if cfg.cond_drop > 0:
-            drop = torch.rand(B, generator=generator, device=dev) < cfg.cond_drop
-            uncond = torch.cat([drop, drop])
-        else:
-            uncond = torch.zeros(2 * B, dtype=torch.bool, device=dev)
+        drop = self._uncond(B, generator, dev)
+        uncond = torch.cat([drop, drop])
         tt = torch.cat([t, t])
         text2 = torch.cat([text, text])
         mask2 = None if mask is None else torch.cat([mask, mask])
         with phase("loss"):
-            x_pol = torch.cat([self._noised(x_w, t, n_pw), self._noised(x_l, t, n_pl)])
-            x_ref = x_pol if cfg.noise == "shared" else torch.cat([self._noised(x_w, t, n_rw),
-                                                                  self._noised(x_l, t, n_rl)])
+            x_pol = torch.cat([self._noised(x_w, t, n_pw, mask), self._noised(x_l, t, n_pl, mask)])
+            x_ref = x_pol if cfg.noise == "shared" else torch.cat([self._noised(x_w, t, n_rw, mask),
+                                                                  self._noised(x_l, t, n_rl, mask)])
             # The reference runs without grad, where nn.TransformerEncoder would take its fused
             # "fast path" (other rounding than the policy's grad-enabled path): disable it so
             # that policy == reference gives d = 0 exactly (module docstring).
             with torch.no_grad(), self._autocast(), _no_transformer_fastpath():
                 ref_out = self.reference(x_ref, tt, text2, mask2, uncond).float()
-            inner = _unwrap(self.policy)
-            was_training = inner.training
-            inner.eval()  # no dropout: policy == reference at step 0 (module docstring)
-            try:
-                with self._autocast():
-                    out = self.policy(x_pol, tt, text2, mask2, uncond).float()
-            finally:
-                inner.train(was_training)
+            out = self._policy_forward(x_pol, tt, text2, mask2, uncond)
             if self.prediction == "x0":
                 target_w, target_l = x_w, x_l
             else:
@@ -361,15 +455,68 @@ class PreferenceStep:
             m = None if mask is None else mask[..., None].expand_as(x_w)
             loss, lstats = SF.sopo_loss_and_stats(
                 out[:B], ref_out[:B], target_w, out[B:], ref_out[B:], target_l,
-                beta_w=beta_w, valuable=valuable, beta=cfg.beta, scale=cfg.scale,
+                beta_w=beta_w, valuable=valuable, beta=cfg.beta, scale=self._scale(t),
                 mask_w=m, mask_l=m)
         return loss, lstats
 
     def _sft_loss(self, x0, text, mask, generator):
-        with phase("loss"), self._autocast():
-            t = torch.randint(0, self.diffusion.num_steps, (x0.shape[0],), generator=generator,
-                              device=x0.device)
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            out = self.diffusion.training_losses(self.policy, x0, text, mask, t=t, noise=noise)
-            loss = out["loss"].float().mean()
+        """The control: the plain diffusion loss on the dataset motion, with the policy forward
+        of the preference methods (eval mode, the same ``cond_drop`` rule, zero at padding)."""
+        B, dev = x0.shape[0], x0.device
+        t = torch.randint(0, self.diffusion.num_steps, (B,), generator=generator, device=dev)
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        uncond = self._uncond(B, generator, dev)
+        with phase("loss"):
+            out = self._policy_forward(self._noised(x0, t, noise, mask), t, text, mask, uncond)
+            target = x0 if self.prediction == "x0" else noise
+            m = None if mask is None else mask[..., None].expand_as(x0)
+            loss = _reference_mse(out, target, m).mean()
         return loss, {}
+
+
+def z_statistics(z: Tensor) -> Dict[str, Tensor]:
+    """Which regime a batch of DPO logits is in (device tensors, no read-back): the implicit
+    accuracy (z > 0), z's mean, |z| quantiles and the mean gradient weight sigmoid(-z) of a pair
+    (0.5 everywhere: the linear regime; near 0: pairs already ranked right stop counting)."""
+    z = z.detach().float()
+    q = torch.quantile(z.abs(), torch.tensor([0.1, 0.5, 0.9], device=z.device))
+    return {"accuracy": (z > 0).float().mean(), "z mean": z.mean(), "|z| p10": q[0],
+            "|z| p50": q[1], "|z| p90": q[2], "sigmoid(-z)": torch.sigmoid(-z).mean()}
+
+
+def _reference_mse(pred: Tensor, target: Tensor, mask: Optional[Tensor]) -> Tensor:
+    from .reference import masked_mse
+    return masked_mse(pred.float(), target.float(), mask)
+
+
+def _masked_mean(x: Tensor, keep: Tensor) -> Tensor:
+    """Mean of x over the entries where keep is True (NaN when none: nothing to average)."""
+    keep = keep.to(torch.bool)
+    w = keep.to(x.dtype)
+    return torch.where(keep, x, torch.zeros_like(x)).sum() / w.sum()
+
+
+@dataclass
+class _Selection:
+    """reward_scores with the non-finite rewards left out (no host read-back)."""
+    scores: Tensor  # [B, K]
+    finite: Tensor  # [B, K] bool
+    usable: Tensor  # [B] bool: at least one finite reward
+    worst_index: Tensor  # [B] argmin over the finite rewards (0 when none)
+    best_index: Tensor  # [B] argmax over the finite rewards (0 when none)
+    worst_score: Tensor  # [B]
+    valuable: Tensor  # [B] worst finite reward < tau
+    embeddings: Tensor  # [B, K, D] with non-finite samples replaced by the worst finite one
+
+
+def _finite_selection(r, g_lat: Tensor, tau: float) -> _Selection:
+    finite = torch.isfinite(r.scores)
+    usable = finite.any(1)
+    inf = torch.full_like(r.scores, float("inf"))
+    worst_score, worst = torch.where(finite, r.scores, inf).min(1)
+    best = torch.where(finite, r.scores, -inf).argmax(1)
+    rows = torch.arange(r.scores.shape[0], device=r.scores.device)
+    # a left-out sample must not set S = min cos either: stand the worst finite one in for it
+    emb = torch.where(finite[..., None], g_lat, g_lat[rows, worst][:, None, :])
+    valuable = usable & (worst_score < tau)
+    return _Selection(r.scores, finite, usable, worst, best, worst_score, valuable, emb)

@@ -72,6 +72,8 @@ def plan(args) -> List[Run]:
             for n in args.sampling:
                 if n != 8:  # 8 is the sopo run itself
                     runs.append(Run(bb, f"sopo steps={n}", s, ["--method", "sopo", "--sampling-steps", str(n)]))
+            for m in args.saturating:  # the same method in the sigmoid's saturating regime
+                runs.append(Run(bb, f"{m} scale=dpo", s, ["--method", m, "--scale-regime", "diffusion-dpo"]))
     return runs
 
 
@@ -149,8 +151,9 @@ def _mean_column(path: Path, column: str) -> Optional[float]:
 
 
 def _ci(groups: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str, dict]]:
-    return {name: {k: dict(zip(("mean", "ci95"), metrics.mean_ci(np.asarray(v))), n=len(v))
-                   for k, v in g.items()} for name, g in groups.items()}
+    """{name: {metric: {"mean", "ci95", "n", "values"}}}: Student-t intervals over seeds with the
+    per-seed values beside them (``ci95`` None with one seed)."""
+    return {name: {k: metrics.ci_record(v) for k, v in g.items()} for name, g in groups.items()}
 
 
 def aggregate(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, dict]]:
@@ -169,17 +172,18 @@ def aggregate(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, 
 PAIRED = ["R-precision top1", "FID", "detail accuracy", "judged details", "reward"]
 
 
-def paired_vs_base(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, dict]]:
-    """{backbone/label: {metric: mean +/- CI of (run - base)}} over the seeds where both exist.
-    The evaluation of a run and of the base model at the same seed draws the same captions and
-    noise, so the difference cancels much of the evaluation's own sampling noise, which on a
-    300-caption test split is as large as the effects (FID of the base moves 3.6 -> 4.2 between
-    evaluation seeds)."""
-    base = {(r.backbone, r.seed): v for r, v in found if r.label == "base"}
+def paired_vs(found: List[Tuple[Run, Dict[str, float]]], control: str = "base") -> Dict[str, Dict[str, dict]]:
+    """{backbone/label: {metric: t interval of (run - control)}} over the seeds where both exist,
+    with the per-seed differences. Against ``base``: the evaluation of a run and of the base model
+    at the same seed draws the same captions and noise, so the difference cancels much of the
+    evaluation's own sampling noise, which on a 300-caption test split is as large as the effects
+    (FID of the base moves 3.6 -> 4.2 between evaluation seeds). Against ``sft``: the same
+    training batches and evaluation draw too, so the difference is the preference term's."""
+    ctrl = {(r.backbone, r.seed): v for r, v in found if r.label == control}
     groups: Dict[str, Dict[str, List[float]]] = {}
     for r, vals in found:
-        b = base.get((r.backbone, r.seed))
-        if r.label == "base" or b is None:
+        b = ctrl.get((r.backbone, r.seed))
+        if r.label in ("base", control) or b is None:
             continue
         g = groups.setdefault(f"{r.backbone}/{r.label}", {})
         for k in PAIRED:
@@ -188,14 +192,36 @@ def paired_vs_base(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[
     return _ci(groups)
 
 
-def paired_table(deltas: Dict[str, Dict[str, dict]]) -> str:
-    lines = ["| run - base | seeds | " + " | ".join(f"Δ {c}" for c in PAIRED) + " |",
+def paired_vs_base(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, dict]]:
+    return paired_vs(found, "base")
+
+
+def _cell(rec: dict, fmt: str = "{:.3f}", signed: bool = False) -> str:
+    return metrics.format_ci(rec["mean"], rec.get("ci95"), fmt, signed)
+
+
+def paired_table(deltas: Dict[str, Dict[str, dict]], control: str = "base") -> str:
+    lines = [f"| run - {control} | seeds | " + " | ".join(f"Δ {c}" for c in PAIRED) + " |",
              "|" + "---|" * (len(PAIRED) + 2)]
     for name, res in deltas.items():
         n = max((v["n"] for v in res.values()), default=0)
-        cells = ["{:+.3f} ± {:.3f}".format(res[c]["mean"], res[c]["ci95"]) if c in res else ""
-                 for c in PAIRED]
+        cells = [_cell(res[c], signed=True) if c in res else "" for c in PAIRED]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def per_seed_table(deltas: Dict[str, Dict[str, dict]], metric: str) -> str:
+    """Each seed's paired difference of one metric, so the reader sees the spread and the signs
+    ("3 of 3 seeds improved" is a statement about seeds, not a confidence interval)."""
+    n = max((len(res[metric].get("values") or []) for res in deltas.values() if metric in res), default=0)
+    lines = [f"| Δ {metric} | " + " | ".join(f"seed {i}" for i in range(n)) + " | > 0 |",
+             "|" + "---|" * (n + 2)]
+    for name, res in deltas.items():
+        vals = (res.get(metric) or {}).get("values") or []
+        if not vals:
+            continue
+        cells = [f"{v:+.3f}" for v in vals] + [""] * (n - len(vals))
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(v > 0 for v in vals)} of {len(vals)} |")
     return "\n".join(lines)
 
 
@@ -204,12 +230,16 @@ def table(results: Dict[str, Dict[str, dict]]) -> str:
     lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
     for name, res in results.items():
         n = max((v["n"] for v in res.values()), default=0)
-        fmt = lambda c: "{:.0f} ± {:.0f}" if c.startswith("train") else "{:.3f} ± {:.3f}"  # noqa: E731
-        cells = [fmt(c).format(res[c]["mean"], res[c]["ci95"])
+        cells = [_cell(res[c], "{:.0f}" if c.startswith("train") else "{:.3f}")
                  + (f" (n={res[c]['n']})" if res[c]["n"] < n else "") if c in res else ""
                  for c in COLUMNS]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _err(rec: dict) -> float:
+    """The error bar of a cell: its CI half width, 0 when it has none (one seed)."""
+    return rec["ci95"] if rec.get("ci95") is not None else 0.0
 
 
 def _collapsed(results: Dict[str, Dict[str, dict]], name: str) -> bool:
@@ -245,7 +275,7 @@ def plot(results: Dict[str, Dict[str, dict]], path: Path,
             if "FID" not in res or "R-precision top1" not in res or name in off:
                 continue
             x, y = res["FID"], res["R-precision top1"]
-            ax.errorbar(x["mean"], y["mean"], xerr=x["ci95"], yerr=y["ci95"], fmt=markers[name],
+            ax.errorbar(x["mean"], y["mean"], xerr=_err(x), yerr=_err(y), fmt=markers[name],
                         color=colors[name], capsize=3, label=name)
         if res_all is deltas:
             ax.axhline(0, color="grey", lw=0.8)
@@ -295,7 +325,7 @@ def plot_sampling(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[s
             vals = [r[key] for _, r in p if key in r]
             if len(vals) != len(steps):
                 continue
-            ax.errorbar(steps, [v["mean"] for v in vals], yerr=[v["ci95"] for v in vals], fmt="o-",
+            ax.errorbar(steps, [v["mean"] for v in vals], yerr=[_err(v) for v in vals], fmt="o-",
                         capsize=3, label=bb)
             ax.set_xlabel("online sampling steps")
             ax.set_title({"train s": "training wall time (s)",
@@ -336,21 +366,32 @@ def run(args) -> Dict[str, Dict[str, dict]]:
     found = _summaries(runs, out)  # every run's files are read once, for both tables
     results = aggregate(found)
     deltas = paired_vs_base(found)
+    vs_sft = paired_vs(found, "sft")
     missing = [str(r.dir(out)) for r in todo] if args.report_only else []
     doc = {"command": command_line("sopo_ext.study", args.argv), "steps": args.steps,
-           "seeds": args.seeds, "results": results,
-           "paired vs base": deltas, "errors": errors, "missing runs": missing,
-           "seconds": round(time.perf_counter() - t0, 1)}
+           "seeds": args.seeds,
+           "statistics": "mean and 95% Student-t interval over seeds (t_{n-1} s / sqrt(n), sample "
+                         "std); 'values' are the per-seed numbers; ci95 null when n = 1",
+           "results": results, "paired vs base": deltas, "paired vs sft": vs_sft,
+           "errors": errors, "missing runs": missing, "seconds": round(time.perf_counter() - t0, 1)}
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
     # the runs are made by the command without --report-only; say which call tabulated them
     made_by = command_line("sopo_ext.study", [a for a in args.argv if a != "--report-only"])
+    n_cmp = sum(len(v) for v in deltas.values())
     md = (f"Made by `{made_by}`" + (" (tabulated with `--report-only`)" if args.report_only else "")
-          + f": mean ± 95% CI over seeds "
-          f"(1.96 std / sqrt(n)), {args.steps} training steps per run."
+          + f": mean ± 95% Student-t interval over seeds (t_(n-1) s / sqrt(n), sample std; "
+          f"'n/a' with one seed), {args.steps} training steps per run; per-seed values in "
+          f"results.json."
           + (f" **Partial: {len(missing)} of {len(runs)} runs not done yet.**" if missing else "")
           + "\n\n" + table(results) + "\n\n"
           "Paired by seed: each run minus the base model evaluated at the same seed (same captions "
-          "and noise), mean ± 95% CI over seeds.\n\n" + paired_table(deltas) + "\n")
+          f"and noise), mean ± 95% t interval over seeds. {n_cmp} intervals in this table: at 95% "
+          "each, about one in 20 excludes 0 by chance alone.\n\n" + paired_table(deltas) + "\n\n"
+          + "Per seed, run minus base:\n\n" + per_seed_table(deltas, "R-precision top1") + "\n\n"
+          + per_seed_table(deltas, "FID") + "\n"
+          + (("\nPaired with SFT at the same seed (same training batches and evaluation draw: the "
+              "difference is the preference term's):\n\n" + paired_table(vs_sft, "sft") + "\n")
+             if vs_sft else ""))
     atomic_write_text(out / "results.md", md)
     png = plot(results, out / "alignment_vs_fid.png", deltas)
     plot_sampling(results, out / "sampling_tradeoff.png")
@@ -368,8 +409,11 @@ def parse_args(argv=None):
     a = ap.add_argument
     a("--out", default="docs/study")
     a("--backbones", nargs="+", default=["mdm", "mld"], choices=("mdm", "mld"))
-    a("--methods", nargs="*", default=["sopo", "dsopo", "usopo", "sopo-no-vu", "diffusion-dpo",
+    a("--methods", nargs="*", default=["sopo", "dsopo", "usopo", "sopo-no-vu", "modipo",
                                        "online-dpo", "sft"], choices=sorted(METHODS))
+    a("--saturating", nargs="*", default=["sopo", "modipo"], choices=sorted(METHODS),
+      help="these methods again with --scale-regime diffusion-dpo (scale 2500: the sigmoid's "
+           "saturating regime), labelled '<method> scale=dpo'")
     a("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a("--taus", nargs="*", type=float, default=[0.40, 0.45, 0.50, 0.55, 0.60])
     a("--ks", nargs="*", type=int, default=[2, 4])

@@ -36,7 +36,7 @@ from .data.batches import MotionTextBatches
 from .data import judge
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
-from .methods import METHODS, PreferenceStep, StepConfig
+from .methods import METHODS, RENAMED_METHODS, SCALE_REGIMES, PreferenceStep, StepConfig
 from .optim import make_adamw, rng_state, set_rng_state, warmup_cosine
 from .pretrain import CsvLog
 from .profiling import phase, phase_times, reset_phase_times
@@ -44,9 +44,21 @@ from .sampling import diffusion_from_meta
 
 __all__ = ["main", "build_parser", "parse_args", "run", "PRESETS"]
 
-#: ``--preset official``: the choices of the official SoPo release (reference-facts.md).
+#: ``--preset NAME``: defaults that flags given explicitly still override.
 PRESETS = {
-    "official": dict(k=2, noise="fresh", guidance_scale=1.0, sampler="ddpm", sampling_steps=50),
+    # the official SoPo release's loss and sampler (reference-facts.md), not its batch size (64),
+    # its padding of every motion to 196 frames or its sampling with MDM in train mode (10% text
+    # dropout while sampling): hence the name
+    "official-loss": dict(k=2, noise="fresh", guidance_scale=1.0, sampler="ddpm", sampling_steps=50),
+    # Diffusion-DPO (Wallace et al.) on MoDiPO-style offline pairs: shared noise and t for the
+    # four terms, beta_dpo = 5000 folded into scale = 2500 on the backbone's own per-element mean
+    # loss (x0 for MDM, eps for MLD; Wallace et al. weight eps, i.e. x0 x SNR(t))
+    "diffusion-dpo": dict(method="modipo", scale_regime="diffusion-dpo", beta_dpo=5000.0,
+                          noise="shared"),
+}
+RENAMED_PRESETS = {
+    "official": "--preset official is now --preset official-loss: it sets the release's loss and "
+                "sampler, not its batch size (64), padded length (196) or train-mode sampling",
 }
 HOST_KEYS = ("indices", "lengths")  # batch entries the step reads on the host
 #: flags that may differ between a run and its --resume.
@@ -261,7 +273,8 @@ def _run(args, D: "Dist") -> Dict[str, float]:
             policy, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=True)
     cfg = StepConfig(method=args.method, k=args.k, tau=args.tau, c=args.c, beta=args.beta,
-                     scale=args.scale, sampling_steps=args.sampling_steps, sampler=args.sampler,
+                     scale=args.scale, scale_regime=args.scale_regime, beta_dpo=args.beta_dpo,
+                     sampling_steps=args.sampling_steps, sampler=args.sampler,
                      guidance_scale=args.guidance_scale, noise=args.noise, cond_drop=args.cond_drop,
                      bf16=args.bf16)
     stepper = PreferenceStep(ddp_policy, reference, diffusion, reward, cfg)
@@ -451,10 +464,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m sopo_ext.train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
-    a("--method", default="sopo", choices=sorted(METHODS))
+    a("--method", default=None, choices=sorted(METHODS), type=_renamed(RENAMED_METHODS),
+      help="default sopo; modipo = offline pairs of the frozen reference (MoDiPO), formerly "
+           "called diffusion-dpo")
     a("--backbone", default="mdm", choices=("mdm", "mld"))
-    a("--preset", default=None, choices=sorted(PRESETS),
-      help="official: K=2, fresh noise per loss term, no CFG, 50-step ancestral sampling")
+    a("--preset", default=None, choices=sorted(PRESETS), type=_renamed(RENAMED_PRESETS),
+      help="official-loss: the official release's K=2, fresh noise per loss term, no CFG, 50-step "
+           "ancestral sampling (not its batch 64 / 196-frame padding / train-mode sampling); "
+           "diffusion-dpo: Wallace et al.'s settings on offline pairs (--method modipo, "
+           "--scale-regime diffusion-dpo, --beta-dpo 5000, shared noise and t; the loss stays the "
+           "backbone's own: x0 for MDM, eps for MLD)")
     a("--data", default="builtin", help="'builtin' (default) or a HumanML3D directory")
     a("--base", default=None, help="backbone checkpoint (default: the bundled one)")
     a("--reward", default=None, help="reward checkpoint (default: the bundled one)")
@@ -465,12 +484,23 @@ def build_parser() -> argparse.ArgumentParser:
     a("--tau", type=float, default=0.45, help="reward threshold of a valuable unpreferred sample")
     a("--c", type=float, default=2.0, help="beta_w = beta (C - S)")
     a("--beta", type=float, default=1.0)
-    a("--scale", type=float, default=1.0, help="T * omega_t (Diffusion-DPO: 0.5 * beta_dpo)")
+    a("--scale", type=float, default=1.0,
+      help="the constant of --scale-regime constant (default 1: the official release, the linear "
+           "regime of the sigmoid)")
+    a("--scale-regime", default=None, choices=SCALE_REGIMES,
+      help="how z is scaled (default constant): constant = --scale; diffusion-dpo = --beta-dpo / 2 "
+           "(saturating); paper = T * omega_t per timestep (Eq. 16: T * SNR(t) on MDM's x0 loss, "
+           "T on MLD's eps loss). metrics.csv logs z's mean and |z| quantiles, sigmoid(-z) and the "
+           "implicit accuracy, so a run shows its regime")
+    a("--beta-dpo", type=float, default=None, help="Diffusion-DPO's beta (default 5000)")
     a("--sampling-steps", type=int, default=None, help="sampling steps of the online samples (default 8)")
     a("--sampler", default=None, choices=("ddim", "ddpm"), help="default ddim")
     a("--guidance-scale", type=float, default=None, help="CFG of the online samples (default 1: none)")
     a("--noise", default=None, choices=("shared", "fresh"), help="default shared")
-    a("--cond-drop", type=float, default=0.0, help="CFG text dropout while fine-tuning")
+    a("--cond-drop", type=float, default=0.0,
+      help="CFG text dropout while fine-tuning, the same rule for every method (SFT included): "
+           "each caption dropped with this probability, for the policy and the reference alike "
+           "(default 0; the policy runs without dropout in every method)")
     a("--lr", type=float, default=1e-4)
     a("--weight-decay", type=float, default=0.0)
     a("--warmup", type=int, default=20)
@@ -498,10 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _renamed(renamed: Dict[str, str]):
+    """argparse type: a name that was renamed is an error that says what it is called now."""
+    def check(value: str) -> str:
+        if value in renamed:
+            raise argparse.ArgumentTypeError(renamed[value])
+        return value
+    check.__name__ = "name"
+    return check
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    defaults = dict(k=4, noise="shared", guidance_scale=1.0, sampler="ddim", sampling_steps=8)
+    defaults = dict(method="sopo", k=4, noise="shared", guidance_scale=1.0, sampler="ddim",
+                    sampling_steps=8, scale_regime="constant", beta_dpo=5000.0)
     if args.preset:
         defaults.update(PRESETS[args.preset])
     for k, v in defaults.items():
@@ -513,6 +554,15 @@ def parse_args(argv=None):
               "max_len"):
         if getattr(args, k) < 1:
             raise SystemExit(f"error: --{k.replace('_', '-')} must be >= 1, got {getattr(args, k)}")
+    for k in ("scale", "beta_dpo", "beta"):
+        v = getattr(args, k)
+        if not (v > 0 and math.isfinite(v)):
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be positive, got {v}")
+    if args.scale_regime != "constant" and args.scale != 1.0:
+        raise SystemExit(f"error: --scale {args.scale} is the constant of --scale-regime constant; "
+                         f"--scale-regime {args.scale_regime} sets the scale itself")
+    if not 0.0 <= args.cond_drop < 1.0:
+        raise SystemExit(f"error: --cond-drop must be in [0, 1), got {args.cond_drop}")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         raise SystemExit(f"error: --lr must be positive, got {args.lr}")
     if args.eval_samples is not None and args.eval_samples < 32:

@@ -1,5 +1,5 @@
 """python -m sopo_ext.evaluate on tiny models: the protocol's numbers are aggregated correctly
-(mean and 1.96 std / sqrt(n) over replications), written as JSON, and bad input is reported."""
+(mean and Student-t interval over replications, "n/a" with one), written as JSON, and bad input is reported."""
 from __future__ import annotations
 
 import json
@@ -37,12 +37,25 @@ def test_protocol_summary_and_json(assets, tmp_path, backbone, capsys):
         v = np.asarray(per[key], dtype=np.float64)
         assert len(v) == 3 and np.isfinite(v).all(), key
         assert summ[key]["mean"] == pytest.approx(v.mean())
-        assert summ[key]["ci95"] == pytest.approx(1.96 * v.std() / math.sqrt(3))
+        # t_{0.975, 2} = 4.3027 with the sample std
+        assert summ[key]["ci95"] == pytest.approx(4.302653 * v.std(ddof=1) / math.sqrt(3), rel=1e-6)
+        assert summ[key]["values"] == pytest.approx(list(v)) and summ[key]["n"] == 3
     assert 0 <= summ["R-precision top1"]["mean"] <= summ["R-precision top3"]["mean"] <= 1
     assert 0 <= summ["judged details"]["mean"] <= 1  # the tiny data is built-in: it has ground truth
     # replications differ (own captions and noise), so the interval is not degenerate
     assert summ["FID"]["ci95"] > 0
     assert "95% CI" in capsys.readouterr().out
+
+
+def test_one_replication_has_no_interval(assets, tmp_path, capsys):
+    out = tmp_path / "one.json"
+    assert evaluate.main(argv(assets, "mdm", out, "--replications", "1", "--mm-captions", "0")) == 0
+    text = out.read_text()
+    assert "NaN" not in text  # strict JSON
+    summ = json.loads(text)["summary"]
+    assert all(v["ci95"] is None and v["n"] == 1 for v in summ.values())
+    table = capsys.readouterr().out.split("95% CI", 1)[1]
+    assert "n/a" in table and " 0.0000\n" not in table
 
 
 def test_same_seed_same_numbers(assets, tmp_path):

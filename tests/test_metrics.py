@@ -235,18 +235,48 @@ def test_multimodality_bad_args():
 
 # -- Confidence interval ----------------------------------------------------------------------
 
-def test_mean_ci():
+def test_mean_ci_is_student_t_with_the_sample_std():
+    # the known answer: t_{0.975, 2} = 4.3027, s = 1, n = 3 -> 4.3027 / sqrt(3)
+    mean, half = M.mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert half == pytest.approx(2.4841, abs=1e-4)
     mean, half = M.mean_ci([1.0, 2.0, 3.0, 4.0])
     assert mean == 2.5
-    assert half == pytest.approx(1.96 * math.sqrt(1.25) / 2, rel=1e-12)  # population std
-    assert M.mean_ci(np.array([0.7])) == (0.7, 0.0)
-    assert M.mean_ci(torch.full((20,), 0.5, dtype=torch.float64)) == (0.5, 0.0)
+    assert half == pytest.approx(3.182446 * math.sqrt(5 / 3) / 2, rel=1e-6)  # sample std, t_3
     m99, h99 = M.mean_ci([1.0, 2.0, 3.0, 4.0], confidence=0.99)
-    assert h99 == pytest.approx(2.5758293 * math.sqrt(1.25) / 2, rel=1e-6)
+    assert h99 == pytest.approx(5.840909 * math.sqrt(5 / 3) / 2, rel=1e-6)
+    # large n: t -> z (within 1% at n = 1000)
+    x = _rng(0).normal(size=1000)
+    assert M.mean_ci(x)[1] == pytest.approx(1.96 * x.std(ddof=1) / math.sqrt(1000), rel=0.01)
+    assert M.mean_ci(torch.full((20,), 0.5, dtype=torch.float64)) == (0.5, 0.0)
+
+
+def test_mean_ci_without_an_interval_is_nan_not_zero():
+    mean, half = M.mean_ci(np.array([0.7]))
+    assert mean == 0.7 and math.isnan(half)
+    assert M.format_ci(0.7, half) == "0.700 ± n/a"
+    assert M.format_ci(0.05, 0.0123, signed=True) == "+0.050 ± 0.012"
     with pytest.raises(ValueError, match="values is empty"):
         M.mean_ci([])
     with pytest.raises(ValueError, match="confidence"):
         M.mean_ci([1.0, 2.0], confidence=1.5)
+
+
+def test_paired_ci_is_the_t_interval_of_the_differences():
+    run, base = [0.30, 0.36, 0.33], [0.25, 0.30, 0.29]
+    assert M.paired_ci(run, base) == pytest.approx(M.mean_ci([0.05, 0.06, 0.04]))
+    # pairing removes the shared seed-to-seed spread: narrower than the unpaired intervals
+    assert M.paired_ci(run, base)[1] < M.mean_ci(run)[1]
+    with pytest.raises(ValueError, match="pair up"):
+        M.paired_ci([1.0, 2.0], [1.0])
+
+
+def test_t_from_z_interval_recovers_the_t_interval_exactly():
+    v = np.array([0.31, 0.27, 0.36])
+    half_z = 1.96 * v.std() / math.sqrt(3)  # what results.json stored before
+    assert M.t_from_z_interval(half_z, 3) == pytest.approx(M.mean_ci(v)[1], rel=1e-9)
+    assert M.t_from_z_interval(half_z, 3) / half_z == pytest.approx(2.689, abs=1e-3)
+    assert math.isnan(M.t_from_z_interval(0.0, 1))
 
 
 # -- Full-set retrieval -----------------------------------------------------------------------

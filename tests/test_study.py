@@ -18,12 +18,17 @@ def test_plan_covers_methods_seeds_and_sweeps():
     a = study.parse_args(["--backbones", "mdm", "mld", "--seeds", "0", "1", "2"])
     runs = study.plan(a)
     labels = {(r.backbone, r.label) for r in runs}
-    assert len(runs) == 2 * 3 * (1 + 7 + 4 + 1)  # base, 7 methods, 4 other taus, K=2
+    # base, 7 methods, 4 other taus, K=2, SoPo and MoDiPO at the saturating scale
+    assert len(runs) == 2 * 3 * (1 + 7 + 4 + 1 + 2)
+    assert ("mdm", "modipo") in labels and ("mdm", "diffusion-dpo") not in labels
+    sat = [r for r in runs if r.label == "sopo scale=dpo"]
+    assert sat and sat[0].train_args == ["--method", "sopo", "--scale-regime", "diffusion-dpo"]
     assert ("mld", "sopo tau=0.60") in labels and ("mdm", "sopo K=2") in labels
     assert ("mdm", "sopo tau=0.45") not in labels  # that is the sopo run itself
     assert all(r.train_args == [] for r in runs if r.label == "base")
     steps = study.plan(study.parse_args(["--backbones", "mdm", "--seeds", "0", "--methods", "sopo",
-                                         "--taus", "--ks", "--sampling", "2", "8", "16"]))
+                                         "--taus", "--ks", "--sampling", "2", "8", "16",
+                                         "--saturating"]))
     assert [r.label for r in steps] == ["base", "sopo", "sopo steps=2", "sopo steps=16"]
     assert steps[-1].train_args == ["--method", "sopo", "--sampling-steps", "16"]
     with pytest.raises(SystemExit):
@@ -33,7 +38,7 @@ def test_plan_covers_methods_seeds_and_sweeps():
 def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     out = tmp_path / "study"
     argv = ["--out", str(out), "--backbones", "mdm", "--methods", "sopo", "--seeds", "0", "1",
-            "--taus", "0.5", "--ks", "--sampling", "1", "8", "--steps", "1", "--jobs", "2",
+            "--taus", "0.5", "--ks", "--sampling", "1", "8", "--saturating", "--steps", "1", "--jobs", "2",
             "--data", str(assets["data"]),
             "--mdm-base", str(assets["mdm"]), "--reward", str(assets["reward"]),
             "--evaluator", str(assets["evaluator"]),
@@ -45,7 +50,7 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     assert set(res) == {"mdm/base", "mdm/sopo", "mdm/sopo tau=0.50", "mdm/sopo steps=1"}
     assert doc["errors"] == []
     for name, r in res.items():
-        assert r["FID"]["n"] == 2 and r["FID"]["ci95"] >= 0, name
+        assert r["FID"]["n"] == 2 and r["FID"]["ci95"] >= 0 and len(r["FID"]["values"]) == 2, name
         assert 0 <= r["R-precision top1"]["mean"] <= 1
         # the training wall time of each fine-tuned run, from its summary.json
         # (summary.json rounds to 0.1 s, so a 1-step tiny run may record 0.0)
@@ -60,7 +65,10 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     paired = doc["paired vs base"]
     assert "mdm/base" not in paired and paired["mdm/sopo"]["FID"]["n"] == 2
     assert paired["mdm/sopo"]["FID"]["mean"] == pytest.approx(sum(diffs) / 2)
-    assert paired["mdm/sopo"]["FID"]["ci95"] == pytest.approx(1.96 * abs(diffs[0] - diffs[1]) / 2 / 2 ** 0.5)
+    # t_{0.975, 1} = 12.706 and the sample std of two values |a - b| / sqrt(2)
+    assert paired["mdm/sopo"]["FID"]["ci95"] == pytest.approx(12.7062 * abs(diffs[0] - diffs[1]) / 2, rel=1e-4)
+    assert paired["mdm/sopo"]["FID"]["values"] == pytest.approx(diffs)
+    assert "Student-t" in md and "intervals in this table" in md and " of 2 |" in md
     assert "| mdm/sopo | 2 | " in md.split("Paired by seed")[1]
     # the fraction of captions whose unpreferred term was used, over each run's training steps
     import csv
@@ -88,6 +96,19 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     md = (out / "results.md").read_text()
     assert "Partial: 4 of 12 runs" in md and "--report-only`)" in md
     assert {f for f in out.rglob("*") if f.is_file()} - before == set()  # no new run files
+
+
+def test_one_seed_tables_say_n_a(tmp_path):
+    found = [(study.Run("mdm", "base", 0), {"FID": 3.0, "R-precision top1": 0.3}),
+             (study.Run("mdm", "sopo", 0, ["--method", "sopo"]), {"FID": 2.5, "R-precision top1": 0.35}),
+             (study.Run("mdm", "sft", 0, ["--method", "sft"]), {"FID": 2.7, "R-precision top1": 0.31})]
+    res = study.aggregate(found)
+    assert res["mdm/sopo"]["FID"]["ci95"] is None and res["mdm/sopo"]["FID"]["values"] == [2.5]
+    assert "2.500 ± n/a" in study.table(res)
+    vs_sft = study.paired_vs(found, "sft")
+    assert set(vs_sft) == {"mdm/sopo"}
+    assert vs_sft["mdm/sopo"]["FID"]["mean"] == pytest.approx(-0.2)
+    assert "-0.200 ± n/a" in study.paired_table(vs_sft, "sft")
 
 
 def test_report_only_without_runs_says_so(tmp_path, capsys):

@@ -24,7 +24,7 @@ from sopo_ext import profiling, train
 from sopo_ext import reference as R
 from sopo_ext.data.batches import MotionTextBatches
 from sopo_ext.data.humanml3d import HumanML3D
-from sopo_ext.methods import METHODS, PreferenceStep, StepConfig
+from sopo_ext.methods import METHODS, PreferenceStep, StepConfig, _no_transformer_fastpath
 from sopo_ext.models.text import get_text_encoder
 from sopo_ext.sampling import diffusion_from_meta
 
@@ -130,9 +130,9 @@ def test_evaluation_rows_and_phase_times(assets, tmp_path):
 
 
 # ------------------------------------------------------------------------------ 2. the math
-def _tiny_step(assets, method, perturb=True, **cfg):
+def _tiny_step(assets, method, perturb=True, backbone="mdm", **cfg):
     torch.manual_seed(0)
-    base = C.load_checkpoint(assets["mdm"], "mdm")
+    base = C.load_checkpoint(assets[backbone], backbone)
     reward = C.load_checkpoint(assets["reward"], "tmr").model.eval().requires_grad_(False)
     ds = HumanML3D(assets["data"], "train", seed=0)
     batch = MotionTextBatches(ds, get_text_encoder("hash"), batch_size=4, seed=0).batch(0)
@@ -142,8 +142,10 @@ def _tiny_step(assets, method, perturb=True, **cfg):
         with torch.no_grad():
             for p in policy.parameters():
                 p.add_(0.05 * torch.randn_like(p))
-    config = StepConfig(method=method, k=3, sampling_steps=2, tau=0.6, c=2.0, beta=1.5, scale=2.0, **cfg)
-    step = PreferenceStep(policy, reference, diffusion_from_meta(base.meta), reward, config)
+    settings = dict(k=3, sampling_steps=2, tau=0.6, c=2.0, beta=1.5, scale=2.0)
+    settings.update(cfg)
+    step = PreferenceStep(policy, reference, diffusion_from_meta(base.meta), reward,
+                          StepConfig(method=method, **settings))
     return step, batch
 
 
@@ -162,12 +164,58 @@ def _offline_pairs_by_hand(step, batch, gen_for_index):
     return x_w, x_l
 
 
-@pytest.mark.parametrize("method", ["sopo", "usopo", "dsopo", "online-dpo", "diffusion-dpo"])
-def test_step_loss_equals_the_reference_recomputed_by_hand(method, assets, monkeypatch):
-    """The pairs, threshold, reweighting and loss of each preference method, redone by hand
-    from the same random draws and compared with the reference loss."""
-    step, batch = _tiny_step(assets, method)
+def _online_samples_by_hand(step, text, mask, g):
+    """K samples per caption of the policy, one plain sampling loop (B*K = 12 rows is below
+    min_bucket_rows, so the step runs one loop too), decoded for MLD; with the step's guidance."""
+    cfg, model, k = step.cfg, step.policy, step.cfg.k
+    n = text.shape[0] * k
+    text_k, mask_k = text.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
+    model.eval()
+    # as the step samples on the CPU: without nn.TransformerEncoder's inference fast path
+    with torch.no_grad(), _no_transformer_fastpath():
+        if step.kind == "mdm":
+            x = step.diffusion.sample(model, (n, mask.shape[1], model.config.nfeats), text_k, mask_k,
+                                      steps=cfg.sampling_steps, sampler=cfg.sampler,
+                                      guidance_scale=cfg.guidance_scale, generator=g)
+            return x.float(), x.float(), mask_k
+        x = step.diffusion.sample(model, (n,) + tuple(model.latent_shape), text_k, None,
+                                  steps=cfg.sampling_steps, sampler=cfg.sampler,
+                                  guidance_scale=cfg.guidance_scale, generator=g).float()
+        return x, step.reference.decode(x, mask_k).float(), mask_k
+
+
+def _worst_rewards_by_hand(step, batch):
+    text, mask = batch["text_emb"], batch["mask"]
+    _, motions, mask_k = _online_samples_by_hand(step, text, mask, torch.Generator().manual_seed(123))
+    with torch.no_grad():
+        g_lat = step.reward.encode_motion(motions, mask_k).view(text.shape[0], step.cfg.k, -1)
+        return R.reward_scores(step.reward.encode_text(text), g_lat).worst_score
+
+
+HAND_CASES = [  # (method, backbone, StepConfig overrides)
+    ("sopo", "mdm", {}), ("usopo", "mdm", {}), ("dsopo", "mdm", {}), ("sopo-no-vu", "mdm", {}),
+    ("online-dpo", "mdm", {}), ("modipo", "mdm", {}),
+    ("sopo", "mdm", {"noise": "fresh"}),  # four noise draws, one per term (the official code)
+    ("sopo", "mdm", {"cond_drop": 0.5}),  # the same captions dropped for policy and reference
+    ("sopo", "mdm", {"guidance_scale": 2.5}),  # CFG in the online samples
+    ("sopo", "mdm", {"scale_regime": "diffusion-dpo", "scale": 1.0}),
+    ("sopo", "mdm", {"scale_regime": "paper", "scale": 1.0}),  # T * SNR(t) on the x0 loss
+    ("sopo", "mld", {}), ("online-dpo", "mld", {}),  # the latent path: VAE encode, eps targets
+    ("sopo", "mld", {"scale_regime": "paper", "scale": 1.0}),  # T on the eps loss
+]
+
+
+@pytest.mark.parametrize("method, backbone, overrides", HAND_CASES,
+                         ids=[f"{m}-{b}-" + ("-".join(f"{k}={v}" for k, v in o.items()) or "default")
+                              for m, b, o in HAND_CASES])
+def test_step_loss_equals_the_reference_recomputed_by_hand(method, backbone, overrides, assets, monkeypatch):
+    """The pairs, threshold, reweighting, noising, text drop, scale and loss of each method and
+    branch, redone by hand from the same random draws and compared with the reference loss."""
+    step, batch = _tiny_step(assets, method, backbone=backbone, **overrides)
     cfg, spec = step.cfg, METHODS[method]
+    if spec.threshold:  # a tau between the captions' worst rewards: valuable has both values
+        worst = _worst_rewards_by_hand(step, batch).sort().values
+        cfg.tau = float((worst[1] + worst[2]) / 2)
     captured = {}
     real = SF.sopo_loss_and_stats
 
@@ -187,10 +235,13 @@ def test_step_loss_equals_the_reference_recomputed_by_hand(method, assets, monke
     g = torch.Generator().manual_seed(123)
     beta_w = torch.full((B,), cfg.beta)
     valuable = torch.ones(B, dtype=torch.bool)
+    mdm = backbone == "mdm"
+    with torch.no_grad():
+        x_data = batch["motion"] if mdm else step.reference.encode(batch["motion"], mask).float()
     if spec.pairs == "offline":  # MoDiPO-style: both motions are samples of the frozen reference
         x_w, x_l = _offline_pairs_by_hand(step, batch, gen_for_index)
     else:
-        x_gen, motions, mask_k = step.sample(step.policy, text, mask, cfg.k, g, batch.get("lengths"))
+        x_gen, motions, mask_k = _online_samples_by_hand(step, text, mask, g)
         with torch.no_grad():
             t_lat = step.reward.encode_text(text)
             g_lat = step.reward.encode_motion(motions, mask_k).view(B, cfg.k, -1)
@@ -199,48 +250,75 @@ def test_step_loss_equals_the_reference_recomputed_by_hand(method, assets, monke
         x_gen = x_gen.view(B, cfg.k, *x_gen.shape[1:])
         x_l = x_gen[torch.arange(B), r.scores.argmin(1)]
         # online DPO: the best of the policy's own K samples is the preferred motion
-        x_w = x_gen[torch.arange(B), r.scores.argmax(1)] if spec.pairs == "online" else batch["motion"]
+        x_w = x_gen[torch.arange(B), r.scores.argmax(1)] if spec.pairs == "online" else x_data
         if spec.threshold:
             valuable = r.valuable
+            assert valuable.any() and not valuable.all(), r.worst_score  # both branches taken
         S = R.min_cosine_similarity(w_lat, g_lat)
         if spec.reweight:
             beta_w = cfg.beta * (cfg.c - S)
     t = torch.randint(0, step.diffusion.num_steps, (B,), generator=g)
-    noise = torch.randn(batch["motion"].shape, generator=g)
-    xt = torch.cat([step.diffusion.q_sample(x_w, t, noise), step.diffusion.q_sample(x_l, t, noise)])
-    tt, text2, mask2 = torch.cat([t, t]), torch.cat([text, text]), torch.cat([mask, mask])
-    uncond = torch.zeros(2 * B, dtype=torch.bool)
+    noises = [torch.randn(x_w.shape, generator=g) for _ in range(4 if cfg.noise == "fresh" else 1)]
+    n_pw, n_rw, n_pl, n_rl = noises if cfg.noise == "fresh" else noises * 4
+    drop = (torch.rand(B, generator=g) < cfg.cond_drop) if cfg.cond_drop > 0 else torch.zeros(B, dtype=torch.bool)
+    if cfg.cond_drop > 0:  # both dropped and kept captions in this batch
+        assert drop.any() and not drop.all(), drop
+    uncond = torch.cat([drop, drop])
+    pad = (lambda x: x * mask[..., None]) if mdm else (lambda x: x)  # noqa: E731
+    q = step.diffusion.q_sample
+    x_pol = torch.cat([pad(q(x_w, t, n_pw)), pad(q(x_l, t, n_pl))])
+    x_ref = torch.cat([pad(q(x_w, t, n_rw)), pad(q(x_l, t, n_rl))])
+    tt, text2 = torch.cat([t, t]), torch.cat([text, text])
+    mask2 = torch.cat([mask, mask]) if mdm else None
     step.policy.eval()
     with torch.no_grad():
-        out = step.policy(xt, tt, text2, mask2, uncond)
-        ref = step.reference(xt, tt, text2, mask2, uncond)
-    m = mask[..., None].expand_as(x_w)
+        out = step.policy(x_pol, tt, text2, mask2, uncond)
+        ref = step.reference(x_ref, tt, text2, mask2, uncond)
+    targets = (x_w, x_l) if step.prediction == "x0" else (n_pw, n_pl)
+    if cfg.scale_regime == "constant":
+        scale = torch.full((B,), cfg.scale)
+    elif cfg.scale_regime == "diffusion-dpo":
+        scale = torch.full((B,), cfg.beta_dpo / 2)
+    else:  # paper: T omega_t, omega_t = 1 on the eps loss -> T * SNR(t) on an x0 loss
+        T = step.diffusion.num_steps
+        scale = T * step.diffusion.snr(t).float() if step.prediction == "x0" else torch.full((B,), float(T))
+    m = mask[..., None].expand_as(x_w) if mdm else None
     d64 = lambda x: x.double()  # noqa: E731
-    expected = R.sopo_loss(d64(out[:B]), d64(ref[:B]), d64(x_w), d64(out[B:]), d64(ref[B:]), d64(x_l),
-                           beta_w=d64(beta_w), valuable=valuable, beta=cfg.beta, scale=cfg.scale,
-                           mask_w=m, mask_l=m)
+    expected = R.sopo_loss(d64(out[:B]), d64(ref[:B]), d64(targets[0]), d64(out[B:]), d64(ref[B:]),
+                           d64(targets[1]), beta_w=d64(beta_w), valuable=valuable, beta=cfg.beta,
+                           scale=d64(scale), mask_w=m, mask_l=m)
     torch.testing.assert_close(loss.detach().double(), expected, rtol=1e-5, atol=1e-6)
     assert abs(loss.item() - math.log(2)) > 1e-4  # a non-trivial value was compared
 
     # what the trainer handed to the loss: the worst sample, the threshold and the reweighting
     args, kw = captured["args"], captured["kwargs"]
-    assert torch.equal(args[2], x_w) and torch.equal(args[5], x_l)
+    if step.prediction == "x0":
+        assert torch.equal(args[2], x_w) and torch.equal(args[5], x_l)
+    else:
+        assert torch.equal(args[2], n_pw) and torch.equal(args[5], n_pl)
     assert torch.equal(kw["valuable"].cpu(), valuable)
-    if spec.threshold:
-        assert torch.equal(kw["valuable"], r.worst_score < cfg.tau)
     torch.testing.assert_close(torch.as_tensor(kw["beta_w"]).float().expand(B), beta_w.float(),
                                rtol=1e-5, atol=1e-6)
-    assert kw["beta"] == cfg.beta and kw["scale"] == cfg.scale
+    torch.testing.assert_close(torch.as_tensor(kw["scale"]).float().expand(B), scale.float(), rtol=1e-6, atol=0)
+    assert kw["beta"] == cfg.beta
     # the loss of the captured tensors == the reference on the same tensors
     cap = [a.detach().double() for a in args]
     again = R.sopo_loss(*cap, beta_w=torch.as_tensor(kw["beta_w"]).double(), valuable=kw["valuable"],
-                        beta=kw["beta"], scale=kw["scale"], mask_w=kw["mask_w"], mask_l=kw["mask_l"])
+                        beta=kw["beta"], scale=torch.as_tensor(kw["scale"]).double(),
+                        mask_w=kw["mask_w"], mask_l=kw["mask_l"])
     torch.testing.assert_close(loss.detach().double(), again, rtol=1e-5, atol=1e-6)
     if spec.pairs != "offline":
         torch.testing.assert_close(stats["worst reward"], r.worst_score.mean(), rtol=1e-5, atol=1e-6)
+        assert float(stats["nan rewards"]) == 0.0
     torch.testing.assert_close(stats["valuable"], valuable.float().mean())
     if spec.reweight:
         torch.testing.assert_close(stats["S"], S.mean(), rtol=1e-5, atol=1e-6)
+    z = SF.sopo_loss_and_stats(*args, **kw)[1].z  # the regime statistics of the step's own z
+    assert float(stats["accuracy"]) == float((z > 0).float().mean())
+    assert float(stats["z mean"]) == pytest.approx(float(z.mean()), rel=1e-5, abs=1e-9)
+    for name, qq in (("|z| p10", 0.1), ("|z| p50", 0.5), ("|z| p90", 0.9)):
+        assert float(stats[name]) == pytest.approx(float(torch.quantile(z.abs(), qq)), rel=1e-5, abs=1e-9)
+    assert float(stats["sigmoid(-z)"]) == pytest.approx(float(torch.sigmoid(-z).mean()), rel=1e-5)
 
     # the gradient flows into the policy only
     loss.backward()
@@ -256,11 +334,10 @@ def test_unperturbed_policy_gives_exactly_log2(assets):
 
 
 # ------------------------------------------------------------------------------ 3. resume
-@pytest.mark.parametrize("method, backbone", [("sopo", "mdm"), ("diffusion-dpo", "mdm"),
+@pytest.mark.parametrize("method, backbone", [("sopo", "mdm"), ("modipo", "mdm"),
                                               ("sft", "mdm"), ("usopo", "mld")])
 def test_stop_after_and_resume_equal_an_uninterrupted_run(method, backbone, assets, tmp_path, capsys):
-    """The offline pairs of diffusion-dpo are regenerated identically after the restart; sft
-    trains with dropout, so the restored RNG state matters."""
+    """The offline pairs of modipo are regenerated identically after the restart."""
     full, part = tmp_path / "full", tmp_path / "part"
     assert train.main(targv(assets, full, method, backbone, steps=4)) == 0
     assert train.main(targv(assets, part, method, backbone, "--stop-after", "2", steps=4)) == 0
@@ -288,7 +365,8 @@ def test_stop_after_and_resume_equal_an_uninterrupted_run(method, backbone, asse
 
 
 def test_a_run_is_a_function_of_its_seed(assets, tmp_path):
-    """sft trains with dropout (global RNG): the run seeds it, whatever state the process had."""
+    """The run seeds the global RNG (which a backbone's own code may draw from), whatever state
+    the process had."""
     a, b = tmp_path / "a", tmp_path / "b"
     torch.manual_seed(1)
     assert train.main(targv(assets, a, "sft", "mdm", steps=2)) == 0
@@ -388,9 +466,9 @@ def test_default_command_and_official_preset():
     assert (a.noise, a.guidance_scale, a.sampler, a.sampling_steps) == ("shared", 1.0, "ddim", 8)
     assert (a.steps, a.batch_size, a.lr) == (200, 16, 1e-4)
     assert a.out == "runs/train-sopo-mdm" and a.eval_before and a.eval_after and not a.resume
-    o = train.parse_args(["--preset", "official"])
+    o = train.parse_args(["--preset", "official-loss"])
     assert (o.k, o.noise, o.guidance_scale, o.sampler, o.sampling_steps) == (2, "fresh", 1.0, "ddpm", 50)
-    x = train.parse_args(["--preset", "official", "--k", "3", "--sampler", "ddim", "--noise", "shared"])
+    x = train.parse_args(["--preset", "official-loss", "--k", "3", "--sampler", "ddim", "--noise", "shared"])
     assert (x.k, x.sampler, x.noise, x.sampling_steps) == (3, "ddim", "shared", 50)
     assert train.parse_args(["--method", "usopo", "--backbone", "mld"]).out == "runs/train-usopo-mld"
 
@@ -415,7 +493,7 @@ def test_unknown_method_is_an_argparse_error(capsys):
 
 def test_official_preset_runs(assets, tmp_path):
     out = tmp_path / "run"
-    assert train.main(targv(assets, out, "sopo", "mdm", "--preset", "official", "--sampling-steps", "2",
+    assert train.main(targv(assets, out, "sopo", "mdm", "--preset", "official-loss", "--sampling-steps", "2",
                             "--k", "2")) == 0
     meta = C.load_checkpoint(out / "model", "mdm").meta
     assert meta["train"]["noise"] == "fresh" and meta["train"]["sampler"] == "ddpm"
