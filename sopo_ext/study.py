@@ -343,6 +343,9 @@ def plot_sampling(results: Dict[str, Dict[str, dict]], path: Path) -> Optional[s
 
 def run(args) -> Dict[str, Dict[str, dict]]:
     out = Path(args.out)
+    if args.retabulate:
+        print(retabulate(Path(args.retabulate), out))
+        return {}
     runs = plan(args)
     if args.dry_run:
         for r in runs:
@@ -402,6 +405,61 @@ def run(args) -> Dict[str, Dict[str, dict]]:
     return results
 
 
+#: labels of results files written before a method was renamed
+LEGACY_LABELS = {"diffusion-dpo": "modipo"}
+
+
+def retabulate_legacy(doc: dict) -> dict:
+    """A results.json written before the t intervals (``ci95`` = 1.96 x population std / sqrt(n),
+    no per-seed values) with every interval recomputed exactly as the Student-t interval
+    (:func:`sopo_ext.metrics.t_from_z_interval`), the old one kept as ``ci95 (z)``, and renamed
+    methods under their current names. Files with per-seed values are returned unchanged."""
+    def fix_name(name: str) -> str:
+        bb, _, label = name.partition("/")
+        head, sep, tail = label.partition(" ")
+        return f"{bb}/{LEGACY_LABELS.get(head, head)}{sep}{tail}"
+
+    def fix_cell(c: dict) -> dict:
+        if "values" in c:
+            return c
+        return {"mean": c["mean"], "ci95": (None if c["n"] < 2 else
+                                            metrics.t_from_z_interval(c["ci95"], c["n"])),
+                "n": c["n"], "values": None, "ci95 (z)": c["ci95"]}
+
+    out = dict(doc)
+    for section in ("results", "paired vs base"):
+        if section in doc:
+            out[section] = {fix_name(name): {k: fix_cell(c) for k, c in cells.items()}
+                            for name, cells in doc[section].items()}
+    out["statistics"] = ("re-tabulated: mean and 95% Student-t interval over seeds, recomputed "
+                         "exactly from the stored 1.96 x population-std interval (kept as 'ci95 (z)'); "
+                         "per-seed values were not stored by this study")
+    return out
+
+
+def retabulate(path: Path, out: Path) -> str:
+    """``--retabulate FILE``: rewrite a legacy results.json / results.md pair (and the plot) with
+    t intervals into ``out``."""
+    doc = retabulate_legacy(json.loads(Path(path).read_text()))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
+    deltas = doc.get("paired vs base", {})
+    n_cmp = sum(len(v) for v in deltas.values())
+    md = (f"Runs made by `{doc['command'].replace(' --report-only', '')}`, {doc['steps']} training "
+          "steps per run; re-tabulated by `python -m sopo_ext.study --retabulate` with the 95% "
+          "Student-t interval over seeds (t_(n-1) s / sqrt(n), sample std), recomputed exactly from "
+          "the 1.96 x population-std interval first published (x2.69 for 3 seeds). Per-seed values "
+          "were not stored by this study. `modipo` is the row first published as `diffusion-dpo`."
+          "\n\n" + table(doc["results"]) + "\n\n"
+          "Paired by seed: each run minus the base model evaluated at the same seed, mean ± 95% t "
+          f"interval over seeds. {n_cmp} intervals in this table: at 95% each, about one in 20 "
+          "excludes 0 by chance alone.\n\n" + paired_table(deltas) + "\n")
+    atomic_write_text(out / "results.md", md)
+    plot(doc["results"], out / "alignment_vs_fid.png", deltas)
+    plot_sampling(doc["results"], out / "sampling_tradeoff.png")
+    return md
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m sopo_ext.study", description=__doc__.split("\n\n")[0],
@@ -432,6 +490,9 @@ def parse_args(argv=None):
     a("--dry-run", action="store_true")
     a("--report-only", action="store_true",
       help="aggregate the runs done so far into the table and plots; start no run")
+    a("--retabulate", default=None, metavar="RESULTS_JSON",
+      help="rewrite a results.json of an older study (z intervals, no per-seed values) with "
+           "Student-t intervals into --out; starts no run")
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1 or args.steps < 1:
         raise SystemExit("error: --jobs, --threads and --steps must be >= 1")

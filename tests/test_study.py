@@ -134,3 +134,34 @@ def test_times_of_runs_resumed_by_an_older_trainer_are_left_out(tmp_path):
     assert not study._timed_after_resume_only(run, {"train seconds": 210.0, "resumed at steps": [200]})
     (run / "train.log").write_text("[train] --resume: no checkpoint in x/last yet\n")
     assert not study._timed_after_resume_only(run, {"train seconds": 210.0})
+
+
+def test_retabulate_a_legacy_study_gives_the_exact_t_intervals(tmp_path):
+    """Results files from before the t intervals stored 1.96 x population std / sqrt(n) and no
+    per-seed values; --retabulate recomputes the t interval exactly and renames old methods."""
+    import math
+
+    import numpy as np
+
+    from sopo_ext import metrics
+
+    v = np.array([0.31, 0.27, 0.36])
+    z_cell = {"mean": float(v.mean()), "ci95": 1.96 * float(v.std()) / math.sqrt(3), "n": 3}
+    legacy = {"command": "python -m sopo_ext.study --out x --report-only", "steps": 200,
+              "results": {"mdm/diffusion-dpo": {"FID": dict(z_cell)}, "mdm/sopo tau=0.50": {"FID": dict(z_cell)},
+                          "mdm/base": {"FID": {"mean": 3.0, "ci95": 0.0, "n": 1}}},
+              "paired vs base": {"mdm/diffusion-dpo": {"FID": dict(z_cell)}}}
+    src = tmp_path / "old.json"
+    src.write_text(json.dumps(legacy))
+    assert study.main(["--retabulate", str(src), "--out", str(tmp_path / "new")]) == 0
+    doc = json.loads((tmp_path / "new" / "results.json").read_text())
+    cell = doc["results"]["mdm/modipo"]["FID"]
+    assert cell["ci95"] == pytest.approx(metrics.mean_ci(v)[1], rel=1e-9)
+    assert cell["ci95 (z)"] == z_cell["ci95"] and cell["values"] is None
+    assert "mdm/sopo tau=0.50" in doc["results"] and "mdm/diffusion-dpo" not in doc["results"]
+    assert doc["results"]["mdm/base"]["FID"]["ci95"] is None  # one seed: no interval
+    assert doc["paired vs base"]["mdm/modipo"]["FID"]["ci95"] == pytest.approx(cell["ci95"])
+    md = (tmp_path / "new" / "results.md").read_text()
+    assert "Student-t" in md and "| mdm/modipo | 3 |" in md and "3.000 ± n/a" in md
+    # a file that already has per-seed values is left as it is
+    assert study.retabulate_legacy({"results": {"a/b": {"FID": {**cell}}}})["results"]["a/b"]["FID"] == cell
