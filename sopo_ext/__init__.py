@@ -8,9 +8,10 @@
 from . import _ops  # noqa: F401  (registers fake kernels and autograd of the custom ops)
 from . import functional, reference
 from .functional import LossStats, RewardScores
+from .dropin import DropInWarning, check_dropin
 from .loss import SoPoLoss, SoPoSelection
 
 __version__ = "0.1.0"
 
 __all__ = ["functional", "reference", "SoPoLoss", "SoPoSelection", "RewardScores", "LossStats",
-           "__version__"]
+           "check_dropin", "DropInWarning", "__version__"]
