@@ -172,6 +172,7 @@ class Example:
     data: tuple
     gen: torch.Generator
     last: dict = field(default_factory=dict)  # the last step's logging values
+    first_step: bool = True  # check the drop-in traps once
 
 
 def build(seed: int = 0, d_model: int = 32) -> Example:
@@ -215,8 +216,12 @@ def sopo_step(ex: Example) -> torch.Tensor:
     #    reference see the same x_t here (as Diffusion-DPO does; the official SoPo code draws
     #    separate noise for the reference, which only adds variance).
     t = torch.randint(0, NUM_STEPS, (B,), generator=ex.gen)
-    xt_w = q_sample(x_w, t, torch.randn_like(x_w))
-    xt_l = q_sample(x_l, t, torch.randn_like(x_l))
+    # zero at padded frames, as the sampler leaves them (MDM's forward does not mask its input)
+    xt_w = q_sample(x_w, t, torch.randn_like(x_w)) * mask
+    xt_l = q_sample(x_l, t, torch.randn_like(x_l)) * mask_l
+    if ex.first_step:  # the drop-in traps (README): same function, same inputs, zero padding
+        ex.loss_fn.check(ex.policy, ex.reference, x_policy=xt_w, x_reference=xt_w, mask=mask, strict=True)
+        ex.first_step = False
     pred_w = ex.policy(xt_w, t, cond, mask)
     pred_l = ex.policy(xt_l, t, cond, mask_l)
     with torch.no_grad():
