@@ -6,7 +6,8 @@ bundled evaluator, and prints what changed. Everything else is a flag (``--help`
 
     python -m sopo_ext.train                                   # SoPo, MDM, built-in data
     python -m sopo_ext.train --backbone mld --method usopo     # another backbone / method
-    python -m sopo_ext.train --preset official                 # the official release's choices
+    python -m sopo_ext.train --preset official-loss            # the official release's loss and sampler
+    python -m sopo_ext.train --preset diffusion-dpo            # Wallace et al. on offline pairs
     python -m sopo_ext.train --out runs/sopo --resume          # continue after a kill
     torchrun --nproc_per_node=2 -m sopo_ext.train --steps 50   # data-parallel (gloo on CPU)
 
