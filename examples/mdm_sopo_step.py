@@ -220,7 +220,8 @@ def sopo_step(ex: Example) -> torch.Tensor:
     xt_w = q_sample(x_w, t, torch.randn_like(x_w)) * mask
     xt_l = q_sample(x_l, t, torch.randn_like(x_l)) * mask_l
     if ex.first_step:  # the drop-in traps (README): same function, same inputs, zero padding
-        ex.loss_fn.check(ex.policy, ex.reference, x_policy=xt_w, x_reference=xt_w, mask=mask, strict=True)
+        for x_t, m in ((xt_w, mask), (xt_l, mask_l)):  # both models get these very tensors below
+            ex.loss_fn.check(ex.policy, ex.reference, x_policy=x_t, x_reference=x_t, mask=m, strict=True)
         ex.first_step = False
     pred_w = ex.policy(xt_w, t, cond, mask)
     pred_l = ex.policy(xt_l, t, cond, mask_l)

@@ -37,17 +37,19 @@ def train_mode_randomness(model: nn.Module) -> List[str]:
     package's ``config.cond_drop_prob``), each only while the model is in training mode."""
     found = []
     inner = model.module if hasattr(model, "module") else model
-    if not inner.training:
-        return found
+    # every submodule's own mode: a dropout left in train mode under an eval() parent counts
     ps = sorted({float(m.p) for m in inner.modules()
                  if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0})
     if ps:
         found.append(f"dropout (p = {', '.join(f'{p:g}' for p in ps)})")
-    for owner, name in ((inner, "cond_mask_prob"), (getattr(inner, "config", None), "cond_drop_prob")):
-        p = getattr(owner, name, None) if owner is not None else None
-        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
-            found.append(f"text drop ({name} = {p:g})")
-    return found
+    for m in inner.modules():
+        if not m.training:
+            continue
+        for owner, name in ((m, "cond_mask_prob"), (getattr(m, "config", None), "cond_drop_prob")):
+            p = getattr(owner, name, None) if owner is not None else None
+            if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+                found.append(f"text drop ({name} = {p:g})")
+    return list(dict.fromkeys(found))
 
 
 def _frame_mask(mask: Tensor, x: Tensor) -> Tensor:
@@ -66,13 +68,16 @@ def _frame_mask(mask: Tensor, x: Tensor) -> Tensor:
 
 def check_dropin(policy: Optional[nn.Module] = None, reference: Optional[nn.Module] = None, *,
                  x_policy: Optional[Tensor] = None, x_reference: Optional[Tensor] = None,
-                 mask: Optional[Tensor] = None, strict: bool = False) -> List[str]:
+                 mask: Optional[Tensor] = None, shared_noise: bool = True,
+                 strict: bool = False) -> List[str]:
     """The mismatches between the policy and reference forwards that can be seen from here.
 
     policy / reference: the modules as they will be called for the loss (their mode matters).
     x_policy / x_reference: the noised inputs (x_w and x_l concatenated, or one of them) that the
     policy and the reference are given; with shared noise they must be bit-identical.
     mask: their padding mask, to check that padded frames are zero.
+    shared_noise: False for a loss that draws separate noise for the reference terms (the
+    official SoPo code): then the inputs may differ, but must still have the same shape.
 
     Returns the problems found (empty: none); warns once per problem with
     :class:`DropInWarning`, or raises ``ValueError`` listing them when ``strict``.
@@ -92,7 +97,7 @@ def check_dropin(policy: Optional[nn.Module] = None, reference: Optional[nn.Modu
             problems.append(f"the policy and reference inputs have different shapes "
                             f"{tuple(x_policy.shape)} and {tuple(x_reference.shape)}: noise x_l at "
                             f"x_w's padded length and give both models the same tensors")
-        elif not torch.equal(x_policy, x_reference):
+        elif shared_noise and not torch.equal(x_policy, x_reference):
             problems.append("the policy and reference inputs differ: with shared noise (Diffusion-DPO, "
                             "this package's default) both models must see bit-identical x_t")
     if mask is not None:

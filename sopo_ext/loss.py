@@ -117,14 +117,14 @@ class SoPoLoss(nn.Module):
 
     def check(self, policy: Optional[nn.Module] = None, reference: Optional[nn.Module] = None, *,
               x_policy: Optional[torch.Tensor] = None, x_reference: Optional[torch.Tensor] = None,
-              mask: Optional[torch.Tensor] = None, strict: bool = False):
+              mask: Optional[torch.Tensor] = None, shared_noise: bool = True, strict: bool = False):
         """Warn (or, ``strict``, raise) about what makes the policy and reference forwards differ
         at step 0: train-mode dropout or text drop, inputs that are not bit-identical, noise in
         padded frames (:func:`sopo_ext.dropin.check_dropin`). Returns the problems found; call it
         on the first step of a new trainer."""
         from .dropin import check_dropin
         return check_dropin(policy, reference, x_policy=x_policy, x_reference=x_reference,
-                            mask=mask, strict=strict)
+                            mask=mask, shared_noise=shared_noise, strict=strict)
 
     def extra_repr(self) -> str:
         return (f"tau={self.tau}, beta={self.beta}, C={self.C}, scale={self.scale}, "

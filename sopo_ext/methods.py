@@ -333,6 +333,7 @@ class PreferenceStep:
             with phase("sampling"):
                 x_w, x_l, scores = self._offline_pairs(batch, generator_for_index)
             valuable = torch.ones(B, dtype=torch.bool, device=text.device)
+            pairs = valuable
             beta_w: object = cfg.beta
             stats["reward"] = scores.mean()
             stats["worst reward"] = scores[:, 1].mean()
@@ -354,6 +355,7 @@ class PreferenceStep:
                 keep = sel.usable.view(B, *([1] * (x_data.dim() - 1)))
                 x_l = torch.where(keep, x_gen[rows, sel.worst_index], x_data)
                 valuable = (sel.valuable if spec.threshold else torch.ones_like(sel.valuable)) & sel.usable
+                pairs = sel.usable
                 if spec.pairs == "online":
                     x_w = torch.where(keep, x_gen[rows, sel.best_index], x_data)
                 else:
@@ -371,8 +373,9 @@ class PreferenceStep:
         stats["valuable"] = valuable.float().mean()
         with self.diffusion.trusted():  # t is drawn below, in range: no range read-back
             loss, lstats = self._dpo_loss(x_w, x_l, text, space_mask, beta_w, valuable, generator)
-        stats.update(z_statistics(lstats.z))
-        stats["beta_w"] = torch.as_tensor(beta_w, dtype=torch.float32).mean()
+        stats.update(z_statistics(lstats.z, pairs))
+        # a float for the offline methods: made on the loss's device (stats are stacked there)
+        stats["beta_w"] = torch.as_tensor(beta_w, dtype=torch.float32, device=loss.device).mean()
         return loss, stats
 
     def _noised(self, x0: Tensor, t: Tensor, noise: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -474,14 +477,25 @@ class PreferenceStep:
         return loss, {}
 
 
-def z_statistics(z: Tensor) -> Dict[str, Tensor]:
+_QUANTILES: Dict[torch.device, Tensor] = {}
+
+
+def z_statistics(z: Tensor, keep: Optional[Tensor] = None) -> Dict[str, Tensor]:
     """Which regime a batch of DPO logits is in (device tensors, no read-back): the implicit
     accuracy (z > 0), z's mean, |z| quantiles and the mean gradient weight sigmoid(-z) of a pair
-    (0.5 everywhere: the linear regime; near 0: pairs already ranked right stop counting)."""
+    (0.5 everywhere: the linear regime; near 0: pairs already ranked right stop counting).
+    ``keep`` [B] bool: the pairs to describe (captions dropped from the step are not pairs)."""
     z = z.detach().float()
-    q = torch.quantile(z.abs(), torch.tensor([0.1, 0.5, 0.9], device=z.device))
-    return {"accuracy": (z > 0).float().mean(), "z mean": z.mean(), "|z| p10": q[0],
-            "|z| p50": q[1], "|z| p90": q[2], "sigmoid(-z)": torch.sigmoid(-z).mean()}
+    if keep is None:
+        keep = torch.ones_like(z, dtype=torch.bool)
+    q = _QUANTILES.get(z.device)
+    if q is None:  # made once per device: a host-to-device copy per step would sync
+        q = _QUANTILES[z.device] = torch.tensor([0.1, 0.5, 0.9], device=z.device)
+    nan = torch.full_like(z, float("nan"))
+    a = torch.nanquantile(torch.where(keep, z.abs(), nan), q)
+    return {"accuracy": _masked_mean((z > 0).float(), keep), "z mean": _masked_mean(z, keep),
+            "|z| p10": a[0], "|z| p50": a[1], "|z| p90": a[2],
+            "sigmoid(-z)": _masked_mean(torch.sigmoid(-z), keep)}
 
 
 def _reference_mse(pred: Tensor, target: Tensor, mask: Optional[Tensor]) -> Tensor:
@@ -518,5 +532,5 @@ def _finite_selection(r, g_lat: Tensor, tau: float) -> _Selection:
     rows = torch.arange(r.scores.shape[0], device=r.scores.device)
     # a left-out sample must not set S = min cos either: stand the worst finite one in for it
     emb = torch.where(finite[..., None], g_lat, g_lat[rows, worst][:, None, :])
-    valuable = usable & (worst_score < tau)
+    valuable = usable & (worst_score.double() < tau)  # in double, as the fused kernels compare
     return _Selection(r.scores, finite, usable, worst, best, worst_score, valuable, emb)

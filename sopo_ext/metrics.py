@@ -29,7 +29,7 @@ Mapping to the original and the choices made explicit here:
   from the original's global ``np.random`` stream; the distribution is the same. Multimodality
   uses the same pair indices for every caption, like the original.
 * ``mean_ci``: **not** the original's interval. T2M / MDM report z * std / sqrt(n) with the
-  population std and z = 1.96, which with 20 replications is about 5% narrower than the exact
+  population std and z = 1.96, which with 20 replications is about 10% narrower than the exact
   interval and with 3 seeds 2.7x too narrow. This package reports the Student-t interval with the
   sample std (``t_{n-1} * s / sqrt(n)``), and NaN ("n/a") for one replication.
 * ``retrieval_recall``: *not* part of the T2M protocol; TMR-style full-set text->motion recall@k

@@ -150,10 +150,11 @@ def _mean_column(path: Path, column: str) -> Optional[float]:
     return float(np.mean(vals)) if vals else None
 
 
-def _ci(groups: Dict[str, Dict[str, List[float]]]) -> Dict[str, Dict[str, dict]]:
-    """{name: {metric: {"mean", "ci95", "n", "values"}}}: Student-t intervals over seeds with the
-    per-seed values beside them (``ci95`` None with one seed)."""
-    return {name: {k: metrics.ci_record(v) for k, v in g.items()} for name, g in groups.items()}
+def _ci(groups: Dict[str, Dict[str, List[Tuple[int, float]]]]) -> Dict[str, Dict[str, dict]]:
+    """{name: {metric: {"mean", "ci95", "n", "values", "seeds"}}}: Student-t intervals over seeds
+    with the per-seed values and their seeds beside them (``ci95`` None with one seed)."""
+    return {name: {k: {**metrics.ci_record([v for _, v in sv]), "seeds": [s for s, _ in sv]}
+                   for k, sv in g.items()} for name, g in groups.items()}
 
 
 def aggregate(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, dict]]:
@@ -161,11 +162,11 @@ def aggregate(found: List[Tuple[Run, Dict[str, float]]]) -> Dict[str, Dict[str, 
     ``train s`` is the training wall time of the run and ``train cpu s`` its CPU time (from its
     summary.json): runs go two at a time on a shared machine, so compare them between runs of
     one study, not with benchmarks; the CPU time does not count waiting for a core."""
-    groups: Dict[str, Dict[str, List[float]]] = {}
+    groups: Dict[str, Dict[str, List[Tuple[int, float]]]] = {}
     for r, vals in found:
         g = groups.setdefault(f"{r.backbone}/{r.label}", {})
         for k, v in vals.items():
-            g.setdefault(k, []).append(v)
+            g.setdefault(k, []).append((r.seed, v))
     return _ci(groups)
 
 
@@ -180,7 +181,7 @@ def paired_vs(found: List[Tuple[Run, Dict[str, float]]], control: str = "base") 
     (FID of the base moves 3.6 -> 4.2 between evaluation seeds). Against ``sft``: the same
     training batches and evaluation draw too, so the difference is the preference term's."""
     ctrl = {(r.backbone, r.seed): v for r, v in found if r.label == control}
-    groups: Dict[str, Dict[str, List[float]]] = {}
+    groups: Dict[str, Dict[str, List[Tuple[int, float]]]] = {}
     for r, vals in found:
         b = ctrl.get((r.backbone, r.seed))
         if r.label in ("base", control) or b is None:
@@ -188,7 +189,7 @@ def paired_vs(found: List[Tuple[Run, Dict[str, float]]], control: str = "base") 
         g = groups.setdefault(f"{r.backbone}/{r.label}", {})
         for k in PAIRED:
             if k in vals and k in b:
-                g.setdefault(k, []).append(vals[k] - b[k])
+                g.setdefault(k, []).append((r.seed, vals[k] - b[k]))
     return _ci(groups)
 
 
@@ -210,18 +211,27 @@ def paired_table(deltas: Dict[str, Dict[str, dict]], control: str = "base") -> s
     return "\n".join(lines)
 
 
+#: metrics where a smaller value is the better one (the rest: larger is better)
+LOWER_IS_BETTER = {"FID", "MM-Dist"}
+
+
 def per_seed_table(deltas: Dict[str, Dict[str, dict]], metric: str) -> str:
-    """Each seed's paired difference of one metric, so the reader sees the spread and the signs
-    ("3 of 3 seeds improved" is a statement about seeds, not a confidence interval)."""
-    n = max((len(res[metric].get("values") or []) for res in deltas.values() if metric in res), default=0)
-    lines = [f"| Δ {metric} | " + " | ".join(f"seed {i}" for i in range(n)) + " | > 0 |",
-             "|" + "---|" * (n + 2)]
+    """Each seed's paired difference of one metric, columns labelled by seed, and how many seeds
+    moved the better way ("3 of 3 seeds improved" is a statement about seeds, not a confidence
+    interval: with 3 seeds a two-sided sign test cannot reach p < 0.25)."""
+    seeds = sorted({s for res in deltas.values() if metric in res
+                    for s in (res[metric].get("seeds") or [])})
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    lines = [f"| Δ {metric} | " + " | ".join(f"seed {s}" for s in seeds) + f" | seeds better ({better}) |",
+             "|" + "---|" * (len(seeds) + 2)]
     for name, res in deltas.items():
-        vals = (res.get(metric) or {}).get("values") or []
+        rec = res.get(metric) or {}
+        vals = dict(zip(rec.get("seeds") or [], rec.get("values") or []))
         if not vals:
             continue
-        cells = [f"{v:+.3f}" for v in vals] + [""] * (n - len(vals))
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {sum(v > 0 for v in vals)} of {len(vals)} |")
+        cells = [f"{vals[s]:+.3f}" if s in vals else "" for s in seeds]
+        n_better = sum((v < 0) if metric in LOWER_IS_BETTER else (v > 0) for v in vals.values())
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {n_better} of {len(vals)} |")
     return "\n".join(lines)
 
 
@@ -440,12 +450,19 @@ def retabulate_legacy(doc: dict) -> dict:
 def retabulate(path: Path, out: Path) -> str:
     """``--retabulate FILE``: rewrite a legacy results.json / results.md pair (and the plot) with
     t intervals into ``out``."""
-    doc = retabulate_legacy(json.loads(Path(path).read_text()))
+    raw = json.loads(Path(path).read_text())
+    if any("values" in c for cells in raw.get("results", {}).values() for c in cells.values()):
+        raise ValueError(f"{path} already has per-seed values and t intervals: re-tabulate it with "
+                         f"--report-only from its runs instead")
+    if "results" not in raw:
+        raise ValueError(f"{path} is not a results.json of python -m sopo_ext.study (no 'results')")
+    doc = retabulate_legacy(raw)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
     deltas = doc.get("paired vs base", {})
     n_cmp = sum(len(v) for v in deltas.values())
-    md = (f"Runs made by `{doc['command'].replace(' --report-only', '')}`, {doc['steps']} training "
+    md = (f"Runs made by `{doc.get('command', '(not recorded)').replace(' --report-only', '')}`, "
+          f"{doc.get('steps', '?')} training "
           "steps per run; re-tabulated by `python -m sopo_ext.study --retabulate` with the 95% "
           "Student-t interval over seeds (t_(n-1) s / sqrt(n), sample std), recomputed exactly from "
           "the 1.96 x population-std interval first published (x2.69 for 3 seeds). Per-seed values "

@@ -62,6 +62,9 @@ RENAMED_PRESETS = {
                 "sampler, not its batch size (64), padded length (196) or train-mode sampling",
 }
 HOST_KEYS = ("indices", "lengths")  # batch entries the step reads on the host
+#: bumped when the step computes something else for the same flags (2: SFT runs the preference
+#: methods' eval-mode forward, x_t is zero at padding, non-finite rewards are left out, z regimes)
+STEP_VERSION = 2
 #: flags that may differ between a run and its --resume.
 RESUME_FREE = {"resume", "out", "device", "threads", "progress", "eval_every", "animation",
                "stop_after", "argv", "ckpt_every", "log_every"}
@@ -255,6 +258,12 @@ def _run(args, D: "Dist") -> Dict[str, float]:
             state = c.train_state()
             if state is None:
                 raise ckpt_io.CheckpointError(f"{last} has no training state to resume from")
+            if state["args"].get("step_version") != STEP_VERSION:
+                raise ValueError(
+                    f"{last} was written by an older trainer (step version "
+                    f"{state['args'].get('step_version', 1)}, now {STEP_VERSION}: SFT's forward, the "
+                    f"padding of x_t and the scale regimes changed), so resuming it would mix two "
+                    f"different steps; start a new run with another --out")
             check_resume_settings(state["args"], args, RESUME_FREE)
             policy.load_state_dict(c.model.state_dict())
             opt.load_state_dict(state["optimizer"])
@@ -569,6 +578,7 @@ def parse_args(argv=None):
     if args.eval_samples is not None and args.eval_samples < 32:
         raise SystemExit("error: --eval-samples must be >= 32 (R-precision uses batches of 32)")
     args.argv = argv
+    args.step_version = STEP_VERSION  # recorded with the run: --resume refuses another version
     return args
 
 

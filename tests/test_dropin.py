@@ -47,6 +47,10 @@ def test_this_packages_mdm_in_train_mode_is_caught_too():
     found = train_mode_randomness(m.train())
     assert any("dropout" in f for f in found) and any("cond_drop_prob" in f for f in found)
     assert train_mode_randomness(m.eval()) == []
+    # a dropout left in train mode under an eval() parent still counts
+    m.eval()
+    next(x for x in m.modules() if isinstance(x, nn.Dropout)).train()
+    assert train_mode_randomness(m) == ["dropout (p = 0.1)"]
 
 
 def test_inputs_must_be_identical_and_zero_at_padding():
@@ -60,6 +64,8 @@ def test_inputs_must_be_identical_and_zero_at_padding():
         check_dropin(x_policy=x, x_reference=x + 1e-7)
     with pytest.warns(DropInWarning, match="different shapes"):
         check_dropin(x_policy=x, x_reference=x[:, :3])
+    # separate noise for the reference (the official SoPo code) is allowed when said so
+    assert check_dropin(x_policy=x, x_reference=x + 1e-7, shared_noise=False, strict=True) == []
     # the official MDM layout: x [B, 263, 1, T] with mask [B, 1, 1, T]
     xm = torch.randn(2, 5, 1, 4) * mask[:, None, None, :]
     assert check_dropin(x_policy=xm, x_reference=xm, mask=mask[:, None, None, :]) == []

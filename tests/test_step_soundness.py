@@ -259,3 +259,18 @@ def test_help_lists_modipo_and_the_regimes(capsys):
     out = capsys.readouterr().out
     for word in ("modipo", "--scale-regime", "diffusion-dpo", "paper", "--beta-dpo", "official-loss"):
         assert word in out, word
+
+
+def test_a_run_of_an_older_step_is_not_resumed(assets, tmp_path, capsys):
+    """A checkpoint written before the step changed (no step_version) would mix two different
+    steps in one run: --resume refuses it and says why."""
+    from sopo_ext import checkpoint as C
+    out = tmp_path / "run"
+    assert train.main(targv(assets, out, "sopo", "mdm", "--stop-after", "1", steps=2)) == 0
+    state_file = out / "last" / C.TRAIN_STATE
+    state = torch.load(state_file, weights_only=False)
+    assert state["args"]["step_version"] == train.STEP_VERSION
+    del state["args"]["step_version"]
+    torch.save(state, state_file)
+    assert train.main(targv(assets, out, "sopo", "mdm", "--resume", steps=2)) == 2
+    assert "older trainer (step version 1" in capsys.readouterr().err

@@ -69,18 +69,32 @@ def _batch(B=3, T=24, F=263, seed=0):
             "lengths": mask.sum(1), "indices": torch.arange(B)}
 
 
-@pytest.mark.parametrize("method,backbone", [("sopo", "mdm"), ("usopo", "mdm"), ("sopo-no-vu", "mdm"),
-                                             ("dsopo", "mdm"), ("online-dpo", "mdm"), ("sft", "mdm"),
-                                             ("sopo", "mld")])
+@pytest.mark.parametrize("method,backbone,extra", [
+    ("sopo", "mdm", {}), ("usopo", "mdm", {}), ("sopo-no-vu", "mdm", {}), ("dsopo", "mdm", {}),
+    ("online-dpo", "mdm", {}), ("sft", "mdm", {"cond_drop": 0.5}), ("sopo", "mld", {}),
+    ("sopo", "mdm", {"scale_regime": "paper"}), ("sopo", "mld", {"scale_regime": "diffusion-dpo"}),
+    ("sopo", "mdm", {"nan_reward": True})])
 @pytest.mark.parametrize("sampler,guidance", [("ddim", 1.0), ("ddpm", 2.5)])
-def test_step_reads_no_values(tiny_assets, method, backbone, sampler, guidance):
+def test_step_reads_no_values(tiny_assets, method, backbone, extra, sampler, guidance, monkeypatch):
+    extra = dict(extra)
+    nan_reward = extra.pop("nan_reward", False)
     base = C.load_checkpoint(tiny_assets[backbone])
     reward = C.load_checkpoint(tiny_assets["reward"]).model.eval()
     policy, reference = copy.deepcopy(base.model).train(), copy.deepcopy(base.model).eval()
     cfg = StepConfig(method=method, k=2, sampling_steps=3, sampler=sampler, guidance_scale=guidance,
-                     min_bucket_rows=1)  # length buckets even for this small batch
+                     min_bucket_rows=1, **extra)  # length buckets even for this small batch
     step = PreferenceStep(policy, reference, diffusion_from_meta(base.meta), reward, cfg)
     batch = _batch()
+    if nan_reward:  # the non-finite-reward path (one sample, and a caption with none) reads nothing
+        real = reward.encode_motion
+
+        def encode(motion, mask):
+            out = real(motion, mask)
+            if motion.shape[0] == 6:
+                out = out.clone()
+                out[[0, 4, 5]] = float("nan")
+            return out
+        monkeypatch.setattr(reward, "encode_motion", encode)
     step(batch, torch.Generator().manual_seed(0))  # first call: per-steps schedule tables are made
     with ValueReads() as reads:
         loss, stats = step(batch, torch.Generator().manual_seed(1))

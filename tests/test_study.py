@@ -68,7 +68,8 @@ def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
     # t_{0.975, 1} = 12.706 and the sample std of two values |a - b| / sqrt(2)
     assert paired["mdm/sopo"]["FID"]["ci95"] == pytest.approx(12.7062 * abs(diffs[0] - diffs[1]) / 2, rel=1e-4)
     assert paired["mdm/sopo"]["FID"]["values"] == pytest.approx(diffs)
-    assert "Student-t" in md and "intervals in this table" in md and " of 2 |" in md
+    assert "Student-t" in md and "intervals in this table" in md and "seeds better (lower)" in md
+    assert paired["mdm/sopo"]["FID"]["seeds"] == [0, 1]
     assert "| mdm/sopo | 2 | " in md.split("Paired by seed")[1]
     # the fraction of captions whose unpreferred term was used, over each run's training steps
     import csv
@@ -109,6 +110,12 @@ def test_one_seed_tables_say_n_a(tmp_path):
     assert set(vs_sft) == {"mdm/sopo"}
     assert vs_sft["mdm/sopo"]["FID"]["mean"] == pytest.approx(-0.2)
     assert "-0.200 ± n/a" in study.paired_table(vs_sft, "sft")
+    # per-seed columns are labelled by seed id, and "better" follows the metric's direction
+    deltas = {"mdm/sopo": {"FID": {"values": [-0.5, 0.2], "seeds": [3, 7]},
+                           "R-precision top1": {"values": [-0.01, 0.02], "seeds": [3, 7]}}}
+    fid = study.per_seed_table(deltas, "FID")
+    assert "| seed 3 | seed 7 |" in fid and "| mdm/sopo | -0.500 | +0.200 | 1 of 2 |" in fid
+    assert "seeds better (higher)" in study.per_seed_table(deltas, "R-precision top1")
 
 
 def test_report_only_without_runs_says_so(tmp_path, capsys):
@@ -163,5 +170,9 @@ def test_retabulate_a_legacy_study_gives_the_exact_t_intervals(tmp_path):
     assert doc["paired vs base"]["mdm/modipo"]["FID"]["ci95"] == pytest.approx(cell["ci95"])
     md = (tmp_path / "new" / "results.md").read_text()
     assert "Student-t" in md and "| mdm/modipo | 3 |" in md and "3.000 ± n/a" in md
-    # a file that already has per-seed values is left as it is
+    # a file that already has per-seed values is left as it is, and --retabulate refuses it
     assert study.retabulate_legacy({"results": {"a/b": {"FID": {**cell}}}})["results"]["a/b"]["FID"] == cell
+    src.write_text((tmp_path / "new" / "results.json").read_text())
+    assert study.main(["--retabulate", str(src), "--out", str(tmp_path / "again")]) == 2
+    (tmp_path / "x.json").write_text("{}")
+    assert study.main(["--retabulate", str(tmp_path / "x.json"), "--out", str(tmp_path / "x")]) == 2
