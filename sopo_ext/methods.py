@@ -76,6 +76,7 @@ from torch import Tensor, nn
 from . import functional as SF
 from .diffusion import GaussianDiffusion, repeat_interleave_batch
 from .profiling import phase
+from .reference import masked_mse
 
 __all__ = ["METHODS", "RENAMED_METHODS", "SCALE_REGIMES", "MethodSpec", "StepConfig", "PreferenceStep",
            "z_statistics"]
@@ -294,13 +295,11 @@ class PreferenceStep:
             x, motions, mk = self.sample(self.reference, te, m, self.cfg.k, generator_for_index(idx))
             t_lat, g_lat = self.embed(te, motions, mk)
             r = SF.reward_scores(t_lat, g_lat.view(1, self.cfg.k, -1), tau=self.cfg.tau)
-            finite = torch.isfinite(r.scores[0])
-            if not bool(finite.any()):  # generated once per sample: this read-back is not per step
+            sel = _finite_selection(r, g_lat.view(1, self.cfg.k, -1), self.cfg.tau)
+            if not bool(sel.usable[0]):  # generated once per sample: this read-back is not per step
                 raise FloatingPointError(f"every one of the K={self.cfg.k} reference samples of dataset "
                                          f"index {idx} has a non-finite reward: no offline pair")
-            inf = torch.tensor(float("inf"), dtype=r.scores.dtype, device=r.scores.device)
-            best = int(torch.where(finite, r.scores[0], -inf).argmax())
-            worst = int(torch.where(finite, r.scores[0], inf).argmin())
+            best, worst = int(sel.best_index[0]), int(sel.worst_index[0])
             self.offline_cache[idx] = (x[best].clone(), x[worst].clone(),
                                        torch.stack([r.scores[0, best], r.scores[0, worst]]))
         items = [self.offline_cache[int(idx)] for idx in batch["indices"]]
@@ -473,7 +472,7 @@ class PreferenceStep:
             out = self._policy_forward(self._noised(x0, t, noise, mask), t, text, mask, uncond)
             target = x0 if self.prediction == "x0" else noise
             m = None if mask is None else mask[..., None].expand_as(x0)
-            loss = _reference_mse(out, target, m).mean()
+            loss = masked_mse(out, target.float(), m).mean()
         return loss, {}
 
 
@@ -496,11 +495,6 @@ def z_statistics(z: Tensor, keep: Optional[Tensor] = None) -> Dict[str, Tensor]:
     return {"accuracy": _masked_mean((z > 0).float(), keep), "z mean": _masked_mean(z, keep),
             "|z| p10": a[0], "|z| p50": a[1], "|z| p90": a[2],
             "sigmoid(-z)": _masked_mean(torch.sigmoid(-z), keep)}
-
-
-def _reference_mse(pred: Tensor, target: Tensor, mask: Optional[Tensor]) -> Tensor:
-    from .reference import masked_mse
-    return masked_mse(pred.float(), target.float(), mask)
 
 
 def _masked_mean(x: Tensor, keep: Tensor) -> Tensor:
