@@ -1,9 +1,12 @@
 """What the package's command-line entry points (pretrain, train, evaluate, study) share."""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import shlex
 import sys
-from typing import Callable, Iterable, Sequence
+import typing
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
@@ -17,7 +20,7 @@ def run_cli(parse_args: Callable, run: Callable, argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+    except (FileNotFoundError, ValueError, FloatingPointError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -45,16 +48,68 @@ def command_line(prog: str, argv: Sequence[str]) -> str:
     return " ".join(["python -m", prog, *(shlex.quote(a) for a in out)])
 
 
-def fingerprint(args, free: Iterable[str]) -> dict:
-    """The settings that determine a run's result (all parsed flags but the ``free`` ones)."""
-    free = set(free)
-    return {k: v for k, v in vars(args).items() if k not in free}
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def check_resume_settings(saved: dict, args, free: Iterable[str]) -> None:
-    """ValueError naming every flag whose value differs from the interrupted run's."""
-    diff = {k: (saved.get(k), v) for k, v in fingerprint(args, free).items() if saved.get(k) != v}
-    if diff:
-        raise ValueError("--resume with different settings than the interrupted run: " +
-                         ", ".join(f"--{k.replace('_', '-')} was {a!r}, now {b!r}"
-                                   for k, (a, b) in sorted(diff.items())))
+def renamed_choice(renamed: Dict[str, str]):
+    """argparse type: a name that was renamed is an error that says what it is called now."""
+    def check(value: str) -> str:
+        if value in renamed:
+            raise argparse.ArgumentTypeError(renamed[value])
+        return value
+    check.__name__ = "name"
+    return check
+
+
+def _base_type(hint):
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if args else hint
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls, renamed: Optional[Dict[str, Dict[str, str]]] = None):
+    """One flag per field of the dataclass ``cls`` (``sampling_steps`` -> ``--sampling-steps``),
+    its help from the field's ``metadata["help"]``: the config class is the single source of the
+    flags. A bool field that defaults to True becomes ``--no-<name>``; ``metadata["cli"] = False``
+    hides a flag from --help (or, for ``step_version``-like fields, leaves it out)."""
+    hints = typing.get_type_hints(cls)
+    renamed = renamed or {}
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if "help" not in meta:
+            continue
+        kind = _base_type(hints[f.name])
+        help_text = meta["help"] if meta.get("cli", True) else argparse.SUPPRESS
+        if kind is bool:
+            if f.default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                                    action="store_false", help=help_text if help_text == argparse.SUPPRESS
+                                    else f"do not: {help_text}")
+            else:
+                parser.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
+            continue
+        if not meta.get("cli", True) and f.name == "step_version":
+            continue
+        if help_text is not argparse.SUPPRESS and f.default is not None:
+            help_text += f" (default {f.default})"
+        parser.add_argument(_flag(f.name), dest=f.name, default=f.default,
+                            type=renamed_choice(renamed[f.name]) if f.name in renamed else kind,
+                            choices=meta.get("choices"), help=help_text)
+    return parser
+
+
+def config_flags(config, reference, only: Optional[Sequence[str]] = None) -> list:
+    """The flags that turn the dataclass ``reference`` into ``config`` (the fields that differ,
+    among ``only`` when given)."""
+    out = []
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("cli", True) or "help" not in f.metadata or (only and f.name not in only):
+            continue
+        value, base = getattr(config, f.name), getattr(reference, f.name)
+        if value == base:
+            continue
+        if isinstance(value, bool):
+            out.append(_flag(f.name) if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            out += [_flag(f.name), str(value)]
+    return out

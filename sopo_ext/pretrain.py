@@ -23,10 +23,8 @@ nested MLD fields as ``vae.latent_dim=32``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,7 +33,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import checkpoint as ckpt_io
-from ._cli import check_resume_settings, command_line, fingerprint, resolve_device, run_cli
+from ._cli import command_line, resolve_device, run_cli
+from .runs import CsvLog, fingerprint, resume_state
 from .checkpoint import config_from_dict, config_to_dict
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
@@ -83,33 +82,6 @@ def apply_overrides(config_cls, base: dict, sets: List[str]):
             raise ValueError(f"--set {key}: unknown field {parts[-1]!r} (known: {sorted(node)})")
         node[parts[-1]] = _parse_value(val)
     return config_from_dict(config_cls, d, "--set")
-
-
-class CsvLog:
-    """Append-only CSV whose columns may grow (rewritten when a new column appears)."""
-
-    def __init__(self, path: Path, resume_step: Optional[int] = None):
-        self.path, self.rows, self.cols = path, [], ["step"]
-        if resume_step is not None and path.is_file():
-            with open(path, newline="") as fh:
-                for r in csv.DictReader(fh):
-                    if int(r["step"]) <= resume_step:
-                        self.rows.append(r)
-            for r in self.rows:
-                self.cols += [k for k in r if k not in self.cols]
-
-    def add(self, row: dict) -> None:
-        row = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-        self.rows.append(row)
-        self.cols += [k for k in row if k not in self.cols]
-
-    def flush(self) -> None:
-        tmp = self.path.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=self.cols)
-            w.writeheader()
-            w.writerows(self.rows)
-        os.replace(tmp, self.path)
 
 
 def _scalars(out: dict) -> Dict[str, float]:
@@ -387,18 +359,10 @@ def run(args) -> Dict[str, float]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    state = None
+    c = state = None
     last = out / "last"
     if args.resume:
-        ckpt_io.recover(last)
-        if (last / ckpt_io.CONFIG).is_file():
-            c = ckpt_io.load_checkpoint(last)
-            state = c.train_state()
-            if state is None:
-                raise ckpt_io.CheckpointError(f"{last} has no training state to resume from")
-            check_resume_settings(state["args"], args, RESUME_FREE)
-        else:
-            print(f"[pretrain] --resume: no checkpoint in {last} yet, starting from scratch")
+        c, state = resume_state(last, _fingerprint(args), who="pretrain")
 
     torch.manual_seed(args.seed)
     data = Data(args, need_text=TASKS[args.model].need_text)
