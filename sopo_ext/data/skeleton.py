@@ -37,7 +37,8 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = [
-    "NUM_JOINTS", "FEATURE_DIM", "KINEMATIC_CHAIN", "PARENTS", "RAW_OFFSETS", "BONE_LENGTHS",
+    "NUM_JOINTS", "FEATURE_DIM", "JOINT_NAMES", "KINEMATIC_CHAIN", "PARENTS", "RAW_OFFSETS",
+    "BONE_LENGTHS",
     "FACE_JOINTS", "FOOT_LEFT", "FOOT_RIGHT", "FEET_THRESHOLD", "FPS", "LEFT_RIGHT_PAIRS",
     "MIRROR_PERM", "ROOT_ROT_VEL", "ROOT_LIN_VEL", "ROOT_Y", "RIC", "ROT6D", "LOCAL_VEL",
     "FOOT_CONTACT", "FEATURE_BLOCKS",
@@ -53,6 +54,15 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 NUM_JOINTS = 22
 FPS = 20
+
+#: the SMPL names of the 22 joints, in index order (the first 22 SMPL body joints).
+JOINT_NAMES = (
+    "pelvis", "left_hip", "right_hip", "spine1", "left_knee", "right_knee", "spine2",
+    "left_ankle", "right_ankle", "spine3", "left_foot", "right_foot", "neck", "left_collar",
+    "right_collar", "head", "left_shoulder", "right_shoulder", "left_elbow", "right_elbow",
+    "left_wrist", "right_wrist",
+)
+assert len(JOINT_NAMES) == NUM_JOINTS
 
 #: right leg, left leg, spine-head, right arm, left arm (joint 0 = pelvis).
 KINEMATIC_CHAIN = (
