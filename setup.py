@@ -1,102 +1,111 @@
-"""Builds the sopo_ext._C extension: `pip install --no-build-isolation -e .` with torch installed.
+"""Builds sopo_ext. Two ways, both giving ops compiled against the torch that runs them:
 
-A CUDAExtension is built when the installed torch is a CUDA build and nvcc is found (a GPU is
-not needed to compile); otherwise, or with SOPO_EXT_FORCE_CPU=1, a CppExtension. Other switches:
+* `pip install -e .` / `pip install .` (pip's default build isolation hides the installed torch):
+  the package is installed without a compiled library and the ops are compiled on first import
+  against the running torch, cached per torch version and device (sopo_ext/_library.py).
+* `pip install --no-build-isolation -e .` with torch installed (the fast path, and CI's strict
+  CUDA build): the operator library sopo_ext._C is compiled now, and _C_build.json next to it
+  records the torch it was built against; on import it is used only with that torch.
+
+Ahead of time a CUDAExtension is built when the installed torch is a CUDA build and nvcc is
+found (a GPU is not needed to compile); otherwise, or with SOPO_EXT_FORCE_CPU=1, a CppExtension.
+Switches:
   TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0": A100, H100)
   SOPO_EXT_STRICT_CUDA=1 ptxas spills and host/device warnings become build errors (CI sets it)
+  SOPO_EXT_NO_BUILD=1    never compile here, even with torch visible (compile on first import)
   MAX_JOBS               parallel compile jobs (ninja)
 """
-import glob
+import importlib.util
+import json
 import os
 import shutil
-import sys
-import sysconfig
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CSRC = os.path.join(HERE, "csrc")
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+def _load_build_flags():
+    spec = importlib.util.spec_from_file_location(
+        "_sopo_build_flags", os.path.join(HERE, "sopo_ext", "_build_flags.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _resolve_cuda_home():
-    """A directory holding both bin/nvcc and include/cuda_runtime.h, or None.
-
-    torch guesses CUDA_HOME from `which nvcc`, which on these machines is a wrapper script in
-    /usr/local/bin, so it guesses /usr/local and the build fails on missing headers. Resolve it
-    before torch.utils.cpp_extension is imported (it reads CUDA_HOME at import time).
-    """
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
-    candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
-    for c in candidates:
-        if c and os.path.isfile(os.path.join(c, "bin", "nvcc")) and os.path.isfile(
-            os.path.join(c, "include", "cuda_runtime.h")
-        ):
-            return c
-    return None
+B = _load_build_flags()
 
 
-try:
-    import torch  # noqa: F401
-except ImportError:
-    sys.exit(
-        "sopo_ext needs PyTorch installed before it is built: pip install torch==2.14.1, then "
-        "pip install --no-build-isolation -e ."
-    )
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the wheel as sopo_ext/_csrc/, so that an installed package can compile
+    its ops on first import (an editable install reads the repository's csrc/ directly)."""
 
-CUDA_HOME = None if _flag("SOPO_EXT_FORCE_CPU") else _resolve_cuda_home()
-if CUDA_HOME:
-    os.environ["CUDA_HOME"] = CUDA_HOME
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-USE_CUDA = bool(CUDA_HOME) and torch.version.cuda is not None
+    def run(self):
+        super().run()
+        target = os.path.join(self.build_lib, "sopo_ext", "_csrc")
+        for rel in B.source_files(CSRC):
+            dst = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            shutil.copyfile(os.path.join(CSRC, rel), dst)
 
 
-def _nvidia_include_dirs():
-    """cuBLAS / cuSPARSE / ... headers ship inside the nvidia-* wheels torch depends on."""
-    site = sysconfig.get_paths()["purelib"]
-    return sorted(
-        glob.glob(os.path.join(site, "nvidia", "*", "include"))
-        + glob.glob(os.path.join(site, "nvidia", "cu*", "*", "include"))
-    )
+def _torch():
+    if B.flag("SOPO_EXT_NO_BUILD"):
+        return None
+    try:
+        import torch
+    except ImportError:
+        print("sopo_ext: torch is not visible to this build (pip's build isolation): installing "
+              "without a compiled library; the ops are compiled on first import against the "
+              "running torch. With torch installed, `pip install --no-build-isolation -e .` "
+              "compiles them now.")
+        return None
+    return torch
 
 
-def _extension():
-    csrc = os.path.join(HERE, "csrc")
-    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")) + glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
-    # -fopenmp: at::parallel_for's OpenMP backend is inline in the ATen headers, so without it
-    # the CPU kernels would silently run on one thread.
-    # -ffp-contract=off: no FMA contraction, so the AVX-512 / AVX2 / baseline clones of the
-    # kernels (csrc/cpu/rows.h) round identically and results do not depend on the CPU model.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+torch = _torch()
+cmdclass = {"build_py": BuildPyWithSources}
+ext_modules = []
+
+if torch is not None:
+    CUDA_HOME = None if B.flag("SOPO_EXT_FORCE_CPU") else B.resolve_cuda_home()
+    if CUDA_HOME:
+        os.environ["CUDA_HOME"] = CUDA_HOME
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", B.DEFAULT_CUDA_ARCHS)
+
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    USE_CUDA = bool(CUDA_HOME) and torch.version.cuda is not None
+
+    class BuildExtensionWithInfo(BuildExtension):
+        """Writes _C_build.json beside the library: the torch (and CUDA) it was compiled
+        against, so that sopo_ext._library never loads it into another torch."""
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_build.json")
+            with open(path, "w") as f:
+                json.dump({"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+                           "with_cuda": USE_CUDA,
+                           "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if USE_CUDA else None},
+                          f, indent=1)
+
     args = dict(
         name="sopo_ext._C",
-        sources=[os.path.relpath(s, HERE) for s in sources],
-        include_dirs=[csrc],
-        extra_compile_args={"cxx": cxx},
-        extra_link_args=["-fopenmp"],
+        sources=[os.path.relpath(s, HERE) for s in B.sources(CSRC, USE_CUDA)],
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": list(B.CXX_FLAGS)},
+        extra_link_args=list(B.LD_FLAGS),
     )
-    if not USE_CUDA:
-        return CppExtension(**args)
-    cu = sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
-    args["sources"] += [os.path.relpath(s, HERE) for s in cu]
-    args["include_dirs"] += _nvidia_include_dirs()
-    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
-    if _flag("SOPO_EXT_STRICT_CUDA"):
-        nvcc += ["-Xptxas", "-v,--warn-on-spills,--warning-as-error", "-Werror", "all-warnings"]
-    args["extra_compile_args"]["nvcc"] = nvcc
-    args["define_macros"] = [("SOPO_WITH_CUDA", "1")]
-    return CUDAExtension(**args)
+    if USE_CUDA:
+        args["include_dirs"] += B.nvidia_include_dirs()
+        args["extra_compile_args"]["nvcc"] = B.nvcc_flags(B.flag("SOPO_EXT_STRICT_CUDA"))
+        args["define_macros"] = [("SOPO_WITH_CUDA", "1")]
+        ext_modules = [CUDAExtension(**args)]
+    else:
+        ext_modules = [CppExtension(**args)]
+    cmdclass["build_ext"] = BuildExtensionWithInfo
 
-
-setup(
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension},
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -43,10 +43,12 @@ def find_cuobjdump() -> str | None:
 
 
 def extension_path() -> Path:
-    found = sorted(PACKAGE.glob("_C*.so"))
-    if not found:
-        raise FileNotFoundError("sopo_ext/_C*.so not found: build the extension first")
-    return found[0]
+    """The loaded operator library (sopo_ext._C, or the build made on first import)."""
+    from . import _library
+    path = _library.load().get("path")
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError("the sopo_ext operator library was not found: build the extension first")
+    return Path(path)
 
 
 def _demangle(names: list[str]) -> list[str]:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the operator library)
-from . import reference
+from . import _library, reference
+
+_library.load()  # the compiled schemas and kernels (sopo_ext._C, or built on first import)
 
 ops = torch.ops.sopo_ext
 
