@@ -104,18 +104,23 @@ class SkeletonMotion:
                                    frame_time=1.0 / FPS)
 
 
-def _check_joints(j, name: str) -> np.ndarray:
+def _real_array(x, name: str) -> np.ndarray:
+    """``x`` (numpy, torch or nested lists) as float64; ValueError unless it is real numbers."""
     try:
         import torch
-        if isinstance(j, torch.Tensor):
-            j = j.detach().cpu().double().numpy()
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().double().numpy()
     except ImportError:  # pragma: no cover
         pass
-    a = np.asarray(j)
+    a = np.asarray(x)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.floating)
                                  or np.issubdtype(a.dtype, np.integer)):
         raise ValueError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-    a = a.astype(np.float64)
+    return a.astype(np.float64)
+
+
+def _check_joints(j, name: str) -> np.ndarray:
+    a = _real_array(j, name)
     if a.ndim != 3 or a.shape[1:] != (NUM_JOINTS, 3) or a.shape[0] < 1:
         raise ValueError(f"{name} must have shape [T >= 1, 22, 3], got {list(a.shape)}")
     if not np.isfinite(a).all():
@@ -219,17 +224,7 @@ def load_features(features, mean=None, std=None, name: str = "features") -> List
     Raises ``ValueError`` (``FileNotFoundError`` for a missing file) naming the problem."""
     if isinstance(features, (str, os.PathLike)):
         features = _load_npy(features, name)
-    try:
-        import torch
-        if isinstance(features, torch.Tensor):
-            features = features.detach().cpu().double().numpy()
-    except ImportError:  # pragma: no cover
-        pass
-    a = np.asarray(features)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.floating)
-                                 or np.issubdtype(a.dtype, np.integer)):
-        raise ValueError(f"{name} must be a real numeric array, got dtype {a.dtype}")
-    a = a.astype(np.float64)
+    a = _real_array(features, name)
     if a.ndim == 2 and a.shape[1] == FEATURE_DIM:
         a = a[None]
     if a.ndim != 3 or a.shape[2] != FEATURE_DIM:
