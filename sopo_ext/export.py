@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -438,6 +439,7 @@ def export_gif(path, motions, texts: Optional[Sequence[str]] = None, *, joints: 
     path = _check_suffix(path, ".gif", "gif")
     sms, texts = _prepare(motions, texts, bone_lengths, "gif")
     arrays = [_pick_joints(sm, joints) for sm in sms]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if len(arrays) == 1:
         return viz.save_gif(arrays[0], path, texts[0] or None, FPS, stride=stride)
     labels = [t or f"motion {i}" for i, t in enumerate(texts)]
@@ -516,6 +518,18 @@ def run(args) -> List[SkeletonMotion]:
     return sms
 
 
+def default_out(name: str, fmt: str, folder: str = "exports") -> str:
+    """``exports/<name as a file name>.<fmt>``, numbered (``_1``, ``_2``, ...) rather than
+    replacing an earlier export."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()[:60] or "motion"
+    for i in range(10000):
+        path = Path(folder) / f"{stem}{'' if i == 0 else f'_{i}'}.{fmt}"
+        # a BVH export of several motions writes <stem>_00.bvh, ...: check those names too
+        if not path.exists() and not list(path.parent.glob(f"{path.stem}_[0-9][0-9].{fmt}")):
+            return str(path)
+    raise ValueError(f"no free file name for {stem!r} in {folder}/: pass --out")
+
+
 def parse_args(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(prog="python -m sopo_ext.export",
@@ -531,8 +545,9 @@ def parse_args(argv=None):
     a("--text", action="append", default=None,
       help="caption to generate (repeatable; with --ckpt)")
     a("--format", choices=("npy", "bvh", "gif"), default="npy", help="output format (default npy)")
-    a("--out", required=True,
-      help="output: X.npy / X.gif; X.bvh (X_00.bvh, ... for several motions) or a directory")
+    a("--out", default=None,
+      help="output: X.npy / X.gif; X.bvh (X_00.bvh, ... for several motions) or a directory "
+           "(default exports/<first caption or features file>.<format>, never an existing file)")
     a("--length", type=float, action="append", default=None, metavar="SECONDS",
       help="motion length in seconds at 20 fps (once, or once per --text; default 6)")
     a("--seed", type=int, default=0)
@@ -574,6 +589,8 @@ def parse_args(argv=None):
         ap.error(f"--scale must be a positive number, got {args.scale:g}")
     if not math.isfinite(args.guidance_scale):
         ap.error("--guidance-scale must be finite")
+    if args.out is None:
+        args.out = default_out(args.text[0] if args.text else Path(args.features).stem, args.format)
     suffix = {"npy": ".npy", "gif": ".gif"}.get(args.format)
     if suffix and not args.out.lower().endswith(suffix):
         ap.error(f"--format {args.format} needs --out ending in {suffix}, got {args.out!r}")

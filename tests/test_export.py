@@ -416,3 +416,20 @@ def test_bad_input(real, tmp_path, capsys):
         E.load_features(real["features"], mean=np.zeros(263))
     with pytest.raises(ValueError, match="a motion length must be 1 ... 196 frames"):
         E.sample_features("mdm", ["a person jumps"], 500)
+
+
+def test_default_out_never_replaces_an_export(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = E.default_out("A person waves, with the LEFT hand!", "bvh")
+    assert first == str(Path("exports") / "a_person_waves_with_the_left_hand.bvh")
+    Path("exports").mkdir()
+    Path(first).write_text("earlier export")
+    second = E.default_out("A person waves, with the LEFT hand!", "bvh")
+    assert second.endswith("a_person_waves_with_the_left_hand_1.bvh")
+    Path("exports/a_person_waves_with_the_left_hand_1_00.bvh").write_text("several motions")
+    assert E.default_out("A person waves, with the LEFT hand!", "bvh").endswith("_2.bvh")
+    # --out may be left out: the parsed default names the caption
+    args = E.parse_args(["--ckpt", "mdm", "--text", "a person jumps", "--format", "gif"])
+    assert args.out == str(Path("exports") / "a_person_jumps.gif")
+    args = E.parse_args(["--features", "clip_012314.npy", "--format", "npy"])
+    assert args.out == str(Path("exports") / "clip_012314.npy")
