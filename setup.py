@@ -10,7 +10,8 @@
 Ahead of time a CUDAExtension is built when the installed torch is a CUDA build and nvcc is
 found (a GPU is not needed to compile); otherwise, or with SOPO_EXT_FORCE_CPU=1, a CppExtension.
 Switches:
-  TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0": A100, H100)
+  TORCH_CUDA_ARCH_LIST   GPU architectures (default "8.0;9.0+PTX": sm_80 / sm_90 machine code,
+                         compute_90 PTX for newer GPUs)
   SOPO_EXT_STRICT_CUDA=1 ptxas spills and host/device warnings become build errors (CI sets it)
   SOPO_EXT_NO_BUILD=1    never compile here, even with torch visible (compile on first import)
   MAX_JOBS               parallel compile jobs (ninja)
@@ -81,16 +82,35 @@ if torch is not None:
 
     class BuildExtensionWithInfo(BuildExtension):
         """Writes _C_build.json beside the library: the torch (and CUDA) it was compiled
-        against, so that sopo_ext._library never loads it into another torch."""
+        against, so that sopo_ext._library never loads it into another torch. Beside the built
+        library and, for an editable install (the library is copied into the source tree),
+        beside that copy too; listed in the outputs so that a wheel carries it."""
 
-        def build_extension(self, ext):
-            super().build_extension(ext)
-            path = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), "_C_build.json")
-            with open(path, "w") as f:
+        INFO = "_C_build.json"
+
+        def _write_info(self, directory):
+            os.makedirs(directory, exist_ok=True)
+            with open(os.path.join(directory, self.INFO), "w") as f:
                 json.dump({"torch": torch.__version__, "torch_cuda": torch.version.cuda,
                            "with_cuda": USE_CUDA,
                            "cuda_archs": os.environ["TORCH_CUDA_ARCH_LIST"] if USE_CUDA else None},
                           f, indent=1)
+
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            self._write_info(os.path.dirname(self.get_ext_fullpath(ext.name)))
+
+        def copy_extensions_to_source(self):
+            super().copy_extensions_to_source()
+            build_py = self.get_finalized_command("build_py")
+            for ext in self.extensions:
+                inplace_file, _ = self._get_inplace_equivalent(build_py, ext)
+                self._write_info(os.path.dirname(os.path.abspath(inplace_file)))
+
+        def get_outputs(self):
+            return super().get_outputs() + [
+                os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), self.INFO)
+                for ext in self.extensions]
 
     args = dict(
         name="sopo_ext._C",
@@ -100,7 +120,7 @@ if torch is not None:
         extra_link_args=list(B.LD_FLAGS),
     )
     if USE_CUDA:
-        args["include_dirs"] += B.nvidia_include_dirs()
+        args["include_dirs"] += B.nvidia_include_dirs(os.path.dirname(os.path.dirname(torch.__file__)))
         args["extra_compile_args"]["nvcc"] = B.nvcc_flags(B.flag("SOPO_EXT_STRICT_CUDA"))
         args["define_macros"] = [("SOPO_WITH_CUDA", "1")]
         ext_modules = [CUDAExtension(**args)]

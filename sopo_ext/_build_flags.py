@@ -16,9 +16,12 @@ from typing import List, Optional
 # (csrc/cpu/rows.h) round identically and results do not depend on the CPU model.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 LD_FLAGS = ["-fopenmp"]
-#: GPU architectures of an ahead-of-time build when TORCH_CUDA_ARCH_LIST is not set (A100, H100).
+#: GPU architectures of an ahead-of-time build when TORCH_CUDA_ARCH_LIST is not set: machine code
+#: for sm_80 (which also runs on sm_86 / sm_89: A10, A40, L4, L40, RTX 30xx / 40xx) and sm_90
+#: (H100, H200), plus compute_90 PTX that the driver compiles at first launch on newer GPUs
+#: (Blackwell: B200 sm_100, RTX 50xx sm_120). Older GPUs (V100, T4) are not supported.
 #: A build on first import compiles for the GPU it runs on instead.
-DEFAULT_CUDA_ARCHS = "8.0;9.0"
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
 
 
 def flag(name: str) -> bool:
@@ -54,13 +57,15 @@ def resolve_cuda_home() -> Optional[str]:
     return None
 
 
-def nvidia_include_dirs() -> List[str]:
-    """cuBLAS / cuSPARSE / ... headers ship inside the nvidia-* wheels torch depends on."""
-    site = sysconfig.get_paths()["purelib"]
-    return sorted(
-        glob.glob(os.path.join(site, "nvidia", "*", "include"))
-        + glob.glob(os.path.join(site, "nvidia", "cu*", "*", "include"))
-    )
+def nvidia_include_dirs(torch_site: Optional[str] = None) -> List[str]:
+    """cuBLAS / cuSPARSE / ... headers ship inside the nvidia-* wheels torch depends on: look
+    beside torch (``torch_site``, the directory holding the torch package) and in this
+    interpreter's site-packages."""
+    found = set()
+    for site in {torch_site, sysconfig.get_paths()["purelib"]} - {None}:
+        found.update(glob.glob(os.path.join(site, "nvidia", "*", "include"))
+                     + glob.glob(os.path.join(site, "nvidia", "cu*", "*", "include")))
+    return sorted(found)
 
 
 def sources(csrc: str, with_cuda: bool) -> List[str]:

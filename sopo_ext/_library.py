@@ -177,7 +177,7 @@ def jit_build() -> Path:
     )
     if with_cuda:
         kwargs["extra_cuda_cflags"] = B.nvcc_flags(strict=False)
-        kwargs["extra_include_paths"] += B.nvidia_include_dirs()
+        kwargs["extra_include_paths"] += B.nvidia_include_dirs(os.path.dirname(os.path.dirname(torch.__file__)))
     try:
         cpp_extension.load(**kwargs)
     except Exception as e:  # a compiler error: say where the log is and how to see it all
