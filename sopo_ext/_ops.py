@@ -117,14 +117,23 @@ def _fused_setup_context(ctx, inputs, output):
 def rescale_precomputed(grad_w, grad_l, grad_loss, grad_scale: float):
     """The gradients for the per-sample output gradient ``grad_loss [B]`` from the ones the
     forward computed for ``grad_scale`` (the loss is linear in it): row b times
-    grad_loss[b] / grad_scale. For the usual grad_loss == grad_scale every factor is exactly 1
-    and so are the products, bit for bit. One elementwise pass, no host sync."""
+    grad_loss[b] / grad_scale. The factor and the product are computed in the accumulation
+    dtype (float64 for double inputs, else fp32) and cast once to the gradient's dtype; for the
+    usual grad_loss == grad_scale every factor is exactly 1 and so are the products, bit for bit.
+    ``grad_scale`` stays a Python scalar (a kernel argument): no host-to-device copy, no sync."""
     if grad_scale == 0:
         raise ValueError("grad_scale must be nonzero to rescale precomputed gradients")
-    f = grad_loss.to(torch.float32) / torch.tensor(grad_scale, dtype=torch.float32,
-                                                   device=grad_loss.device)
+    acc = acc_dtype(grad_w.dtype)
+    f = grad_loss.to(acc) / grad_scale
     shape = (-1,) + (1,) * (grad_w.dim() - 1)
-    return grad_w * f.to(grad_w.dtype).view(shape), grad_l * f.to(grad_l.dtype).view(shape)
+    return ((grad_w.to(acc) * f.view(shape)).to(grad_w.dtype),
+            (grad_l.to(acc) * f.view(shape)).to(grad_l.dtype))
+
+
+def _reading_is_free(t: torch.Tensor) -> bool:
+    """Reading a value of ``t`` on the host costs no device sync (CPU tensors). On a GPU the
+    backward never branches on values: it rescales on the device instead."""
+    return t.device.type == "cpu"
 
 
 def _fused_backward(ctx, grad_loss, grad_stats, grad_grad_w, grad_grad_l):
@@ -136,7 +145,7 @@ def _fused_backward(ctx, grad_loss, grad_stats, grad_grad_w, grad_grad_l):
     if _tracing(grad_loss):
         grad_w, grad_l = ops.sopo_loss_backward(grad_loss, pred_w, target_w, pred_l, target_l,
                                                 mask_w, mask_l, stats)
-    elif grad_loss.device.type == "cpu":  # reading the value is free here: no device to wait for
+    elif _reading_is_free(grad_loss):  # no device to wait for: recompute exactly when needed
         if not bool((grad_loss == ctx.grad_scale).all()):
             grad_w, grad_l = ops.sopo_loss_backward(grad_loss, pred_w, target_w, pred_l, target_l,
                                                     mask_w, mask_l, stats)

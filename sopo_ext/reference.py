@@ -52,7 +52,10 @@ def reward_scores(text_emb: torch.Tensor, motion_emb: torch.Tensor, tau: float =
     valuable = worst_score < tau.
     """
     dtype = text_emb.dtype
-    cos = cosine(_upcast(text_emb)[:, None, :], _upcast(motion_emb))
+    B, K = motion_emb.shape[0], motion_emb.shape[1]
+    # reshape: torch 2.11's functionalization (opcheck's aot_dispatch_dynamic) keeps a reduced
+    # size-1 dimension when every size is 1; the explicit shape holds on every version
+    cos = cosine(_upcast(text_emb)[:, None, :], _upcast(motion_emb)).reshape(B, K)
     scores = (cos * 0.5 + 0.5).to(dtype)
     # argmin on the returned scores, so worst_score == scores[b, worst_index[b]] always holds.
     worst_score, worst_index = scores.min(dim=1)

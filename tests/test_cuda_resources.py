@@ -31,6 +31,15 @@ def usage(tool):
     return res.read_usage(tool, res.extension_path())
 
 
+def test_newer_gpus_get_ptx(tool):
+    """TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX": compute_90 PTX rides along, so a Blackwell GPU (sm_100,
+    sm_120) JIT-compiles the kernels at first launch instead of failing with "no kernel image"."""
+    from sopo_ext import _library
+    if _library.load()["source"] != "aot":
+        pytest.skip("a build on first import targets the visible GPU only")
+    assert res.embedded_ptx(tool, res.extension_path()) == ["sm_90"]
+
+
 def test_every_kernel_for_both_architectures(usage):
     kernels = {u.kernel for u in usage}
     names = {k.split("<")[0] for k in kernels}

@@ -142,3 +142,32 @@ def test_user_timesteps_are_still_range_checked():
     assert reads.sites == []
     with pytest.raises(ValueError, match=r"t must be in"):  # the check is back after the block
         d.q_sample(x, torch.tensor([-1, 0]), x)
+
+
+# ------------------------------------------------------------------ the GPU backward's rescale path
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_the_device_rescale_path_is_exact_with_non_dyadic_weights(dtype, reduction, monkeypatch):
+    """On a GPU the fused backward never reads grad_loss on the host: it rescales the gradients
+    the forward precomputed. Drive that path on the CPU (as if reading were a sync) with output
+    gradients that are not exact in binary (a weighted loss, gradient accumulation) and compare
+    with the float64 reference at the dtype's tolerance: the factor and product must be computed
+    in the accumulation dtype (an fp32 factor is ~5e-8 off in float64, past its 1e-10)."""
+    from conftest import fused_vs_reference, make_loss_tensors, mixed_valuable, per_sample
+    calls = []
+    real = ops_mod.rescale_precomputed
+
+    def counted(*a):
+        calls.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(ops_mod, "_reading_is_free", lambda t: False)
+    monkeypatch.setattr(ops_mod, "rescale_precomputed", counted)
+    B = 7
+    tensors = make_loss_tensors((B, 3, 41), dtype, seed=11)
+    weights = (torch.tensor([0.1, 0.37, 1.3, 2.0 / 3.0, 0.9, 1.1, 0.01], dtype=torch.float64)
+               if reduction == "none" else torch.tensor(0.3, dtype=torch.float64))
+    fused_vs_reference(tensors, grad_out=weights, beta_w=per_sample(B, 3, 1.0, 2.0),
+                       valuable=mixed_valuable(B), reduction=reduction, same_dtype_check=False)
+    assert calls, "the device rescale path was not taken"

@@ -110,7 +110,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // One thread per row: combine the row's partials in block order, then the per-row math.
 // bad[b] gets bit 0 / bit 1 when the row's mask_w / mask_l has no valid element (an input
-// error the host reports).
+// error). Such a row has no loss: its loss and stats are NaN (so are its gradients), never a
+// number; the host reports the flags only on request (loss.cu), since reading them is a sync.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     loss_finalize_kernel(const acc_t<T>* partials, int64_t blocks_x, int64_t B, int64_t N,
@@ -141,6 +142,11 @@ __global__ void __launch_bounds__(kThreads)
   row[kCoefW] = r.coef_w;
   row[kCoefL] = r.coef_l;
   loss[b] = r.loss;
+  if (flags) {
+    const A nan = std::numeric_limits<A>::quiet_NaN();
+    for (int k = 0; k < kNumStats; ++k) row[k] = nan;
+    loss[b] = nan;
+  }
   bad[b] = flags;
 }
 

@@ -117,6 +117,19 @@ LOSS_CASES = [
 
 @pytest.mark.parametrize("case", LOSS_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_loss_kernels(runners, tmp_path, case):
+    _loss_case(runners, tmp_path, case)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float64"])
+def test_an_empty_mask_row_is_nan_and_flagged(runners, tmp_path, dtype_name):
+    """Row 1's mask_w and row 2's mask_l have no valid element: those rows' loss, stats and
+    gradients are NaN (never a silent number; the host does not read the flags by default, a
+    sync) and bad[] flags them; row 0 is still right."""
+    _loss_case(runners, tmp_path, (dtype_name, 3, 300, 0, 0, "bool", "acc", 2), empty={"w": 1, "l": 2})
+
+
+def _loss_case(runners, tmp_path, case, empty=None):
+    empty = empty or {}
     dtype_name, B, N, pad, offset, mk_w, mk_l, sms = case
     dtype, acc = DTYPES[dtype_name], ACC[dtype_name]
     gen = torch.Generator().manual_seed(B * 1000 + N)
@@ -136,6 +149,8 @@ def test_loss_kernels(runners, tmp_path, case):
         else:
             m = torch.rand(B, stride, generator=gen, dtype=torch.float64) > 0.3
             m[:, 0] = True  # every row keeps a valid element
+            if side in empty:
+                m[empty[side]] = False
             mt = m if kind == "bool" else (m.to(torch.float64) * (0.5 + torch.rand(B, stride, generator=gen, dtype=torch.float64))).to(acc)
             _write(tmp_path, f"mask_{side}", mt, 0, meta)
             meta[f"sm_{side}"] = stride
@@ -152,7 +167,21 @@ def test_loss_kernels(runners, tmp_path, case):
     stats = _read(tmp_path, "stats", acc, (B, 5))
     grad_w = _read(tmp_path, "grad_w", dtype, (B, N))
     grad_l = _read(tmp_path, "grad_l", dtype, (B, N))
-    assert (_read(tmp_path, "bad", torch.int32, (B,)) == 0).all()
+    bad = _read(tmp_path, "bad", torch.int32, (B,))
+    want_bad = torch.zeros(B, dtype=torch.int32)
+    for side, row in empty.items():
+        want_bad[row] |= 1 if side == "w" else 2
+    assert torch.equal(bad, want_bad)
+    if empty:
+        rows = sorted(empty.values())
+        assert loss[rows].isnan().all() and stats[rows].isnan().all()
+        assert grad_w[rows].isnan().all() and grad_l[rows].isnan().all()
+        keep = [b for b in range(B) if b not in rows]
+        # the rest is checked against the reference on the rows that have a loss
+        loss, stats, grad_w, grad_l = loss[keep], stats[keep], grad_w[keep], grad_l[keep]
+        tensors = {k: (v[keep] if v is not None else None) for k, v in tensors.items()}
+        beta_w, scale, grad_loss = beta_w[keep], scale[keep], grad_loss[keep]
+        valuable = valuable[keep]
 
     up = {k: (v.double() if v is not None else None) for k, v in tensors.items()}
     pw = up["pred_w"].clone().requires_grad_()
