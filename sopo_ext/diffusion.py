@@ -252,8 +252,12 @@ class GaussianDiffusion:
     def snr(self, t: Tensor) -> Tensor:
         """SNR(t) = abar_t / (1 - abar_t), float64 [B] on t's device."""
         t = self._check_t(t, t.shape[0] if isinstance(t, Tensor) and t.dim() else 1)
-        abar = self.alphas_cumprod[t.cpu()]
-        return (abar / (1.0 - abar)).to(t.device)
+        key = (id(self.alphas_cumprod), t.device)
+        table = self._tables.get(key)
+        if table is None:  # one copy per device: indexing never moves t to the host (a GPU sync)
+            table = self._tables[key] = self.alphas_cumprod.to(t.device)
+        abar = table.index_select(0, t.detach().reshape(-1)).reshape(t.shape)
+        return abar / (1.0 - abar)
 
     def loss_weight(self, t: Tensor, towards: str = "eps") -> Tensor:
         """Factor w_t (float64 [B]) converting a per-sample MSE between parameterizations.

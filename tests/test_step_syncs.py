@@ -171,3 +171,19 @@ def test_the_device_rescale_path_is_exact_with_non_dyadic_weights(dtype, reducti
     fused_vs_reference(tensors, grad_out=weights, beta_w=per_sample(B, 3, 1.0, 2.0),
                        valuable=mixed_valuable(B), reduction=reduction, same_dtype_check=False)
     assert calls, "the device rescale path was not taken"
+
+
+def test_snr_and_loss_weights_read_no_values():
+    """diffusion.snr indexed a host copy of the schedule with t.cpu() (a device-to-host copy on a
+    GPU); it now indexes a per-device table."""
+    d = GaussianDiffusion(DiffusionConfig(num_steps=10))
+    t = torch.tensor([0, 3, 9])
+    with d.trusted():
+        with ValueReads() as reads:
+            snr = d.snr(t)
+            w = d.loss_weight(t, towards="x0")
+    assert not reads.sites, reads.sites
+    abar = d.alphas_cumprod[t]
+    torch.testing.assert_close(snr, abar / (1 - abar), rtol=0, atol=0)
+    torch.testing.assert_close(w, (1 - abar) / abar, rtol=1e-15, atol=0)
+    assert snr.dtype == torch.float64 and snr.shape == (3,)
