@@ -5,7 +5,9 @@ broadcast), valuable mixed, per-sample beta_w / scale, every reduction. min_cosi
 and reward_scores' differentiable outputs (scores, worst_score) w.r.t. both inputs. Shapes are
 small, and the inputs of the min / argmin ops are built with a clear gap between the smallest
 and the second smallest cosine so the finite differences never cross a tie. gradcheck's
-defaults (eps 1e-6, atol 1e-5, rtol 1e-3) apply.
+defaults (eps 1e-6, atol 1e-5, rtol 1e-3) apply. Every check runs on each device of
+conftest.DEVICES (on a GPU the fused backward rescales precomputed gradients: gradcheck's
+one-hot output gradients drive that path).
 """
 from __future__ import annotations
 
@@ -18,21 +20,21 @@ from sopo_ext import functional as SF
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("masks", ["none", "bool", "fractional", "mdm"])
-def test_sopo_loss_gradcheck(masks, reduction):
+def test_sopo_loss_gradcheck(masks, reduction, device):
     B = 3
     shape = (B, 4, 1, 5)
-    xs = [randn(shape, 100 + i) for i in range(6)]
+    xs = [randn(shape, 100 + i, device=device) for i in range(6)]
     mask_w = mask_l = None
     if masks == "bool":
-        mask_w, mask_l = rand_bool_mask(shape, 1), rand_bool_mask(shape, 2)
+        mask_w, mask_l = rand_bool_mask(shape, 1, device=device), rand_bool_mask(shape, 2, device=device)
     elif masks == "fractional":
-        mask_w = torch.rand(shape, generator=gen(3), dtype=torch.float64) + 0.05
-        mask_l = rand_bool_mask(shape, 4).double() * 0.5
+        mask_w = (torch.rand(shape, generator=gen(3), dtype=torch.float64) + 0.05).to(device)
+        mask_l = rand_bool_mask(shape, 4, device=device).double() * 0.5
     elif masks == "mdm":
-        mask_w, mask_l = length_mask(B, 5, 5), length_mask(B, 5, 6)
-    beta_w = per_sample(B, 7, 1.0, 2.0)
-    scale = per_sample(B, 8, 0.5, 2.0)
-    v = mixed_valuable(B)
+        mask_w, mask_l = length_mask(B, 5, 5, device), length_mask(B, 5, 6, device)
+    beta_w = per_sample(B, 7, 1.0, 2.0, device=device)
+    scale = per_sample(B, 8, 0.5, 2.0, device=device)
+    v = mixed_valuable(B, device)
 
     def f(pw, pl):
         return SF.sopo_loss(pw, xs[1], xs[2], pl, xs[4], xs[5], beta_w=beta_w, valuable=v, beta=0.9,
@@ -43,13 +45,13 @@ def test_sopo_loss_gradcheck(masks, reduction):
     assert torch.autograd.gradcheck(f, (pw, pl))
 
 
-def test_sopo_loss_gradcheck_flat_and_n1():
+def test_sopo_loss_gradcheck_flat_and_n1(device):
     for shape in [(2, 1), (1, 17)]:
-        xs = [randn(shape, 200 + i) for i in range(6)]
+        xs = [randn(shape, 200 + i, device=device) for i in range(6)]
 
         def f(pw, pl):
             return SF.sopo_loss(pw, xs[1], xs[2], pl, xs[4], xs[5], beta_w=1.5,
-                                valuable=torch.ones(shape[0], dtype=torch.bool), reduction="none")
+                                valuable=torch.ones(shape[0], dtype=torch.bool, device=device), reduction="none")
 
         assert torch.autograd.gradcheck(f, (xs[0].clone().requires_grad_(), xs[3].clone().requires_grad_()))
 
@@ -69,8 +71,9 @@ def _separated_candidates(B, K, N, seed):
 
 
 @pytest.mark.parametrize("rescale", [True, False])
-def test_min_cosine_gradcheck(rescale):
+def test_min_cosine_gradcheck(rescale, device):
     anchor, cand = _separated_candidates(3, 4, 6, 10)
+    anchor, cand = anchor.to(device), cand.to(device)
     cos = torch.nn.functional.cosine_similarity(anchor[:, None], cand, dim=-1)
     top2 = cos.topk(2, dim=1, largest=False).values
     assert (top2[:, 1] - top2[:, 0] > 0.1).all()  # no near-tie at the minimum
@@ -79,8 +82,9 @@ def test_min_cosine_gradcheck(rescale):
         (anchor.requires_grad_(), cand.requires_grad_()))
 
 
-def test_reward_scores_gradcheck():
+def test_reward_scores_gradcheck(device):
     text, motion = _separated_candidates(2, 3, 5, 20)
+    text, motion = text.to(device), motion.to(device)
 
     def f(t, m):
         r = SF.reward_scores(t, m)

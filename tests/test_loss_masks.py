@@ -4,8 +4,10 @@ Mask kinds: bool and float, full-shape, MDM-style [B, 1, 1, T] broadcast over [B
 predictions (sum(mask) counts the broadcast elements), different masks for the w and l sides,
 fractional float weights, a mask on one side only. Tolerances: conftest.TOL vs the float64
 reference, conftest.TOL_SAME vs the same-dtype reference. A mask row with no valid element
-(all False / all 0) must raise ValueError naming mask_w / mask_l. Also: masked-out elements get
-exactly zero gradient, and their values (even NaN-free garbage) do not change the loss.
+(all False / all 0) must raise ValueError naming mask_w / mask_l on the CPU (the CUDA op gives
+that row a NaN loss instead, without a host sync: tests/test_cuda_ops.py). Also: masked-out
+elements get exactly zero gradient, and their values (even NaN-free garbage) do not change the
+loss. All but the empty-row test run on each device of conftest.DEVICES.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from conftest import (ALL_DTYPES, BF16, F32, F64, assert_close, dtype_id, fused_vs_reference, gen,
-                      length_mask, loss_and_grads, make_loss_tensors, mixed_valuable, per_sample,
+                      grad_weights, length_mask, loss_and_grads, make_loss_tensors, mixed_valuable, per_sample,
                       rand_bool_mask, to64)
 from sopo_ext import functional as SF
 from sopo_ext import reference as R
@@ -29,7 +31,12 @@ def _frac(shape, seed, dtype):
 MASK_CASES = ["bool_full", "float_full", "fractional", "mdm_bool", "mdm_float", "w_only", "l_only"]
 
 
-def _masks(case, shape, dtype):
+def _masks(case, shape, dtype, device="cpu"):
+    mw, ml = _masks_cpu(case, shape, dtype)
+    return (None if mw is None else mw.to(device)), (None if ml is None else ml.to(device))
+
+
+def _masks_cpu(case, shape, dtype):
     B, T = shape[0], shape[-1]
     if case == "bool_full":
         return rand_bool_mask(shape, 20), rand_bool_mask(shape, 21)
@@ -50,30 +57,34 @@ def _masks(case, shape, dtype):
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", MASK_CASES)
-def test_masked_matches_reference(case, dtype):
+def test_masked_matches_reference(case, dtype, device):
     shape = (4, 263, 1, 9)
-    xs = make_loss_tensors(shape, dtype, seed=2)
-    mask_w, mask_l = _masks(case, shape, dtype)
-    fused_vs_reference(xs, beta_w=per_sample(4, 3, 1.0, 2.0), valuable=mixed_valuable(4),
+    xs = make_loss_tensors(shape, dtype, seed=2, device=device)
+    mask_w, mask_l = _masks(case, shape, dtype, device)
+    fused_vs_reference(xs, beta_w=per_sample(4, 3, 1.0, 2.0, device=device), valuable=mixed_valuable(4, device),
                        scale=2.0, mask_w=mask_w, mask_l=mask_l)
+    # a weighted loss with weights that are not exact in binary
+    fused_vs_reference(xs, beta_w=per_sample(4, 3, 1.0, 2.0, device=device), valuable=mixed_valuable(4, device),
+                       scale=2.0, mask_w=mask_w, mask_l=mask_l, reduction="none", grad_out=grad_weights(4),
+                       check_stats=False)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", [F64, F32], ids=dtype_id)
 @pytest.mark.parametrize("N", [1, 17, 8193])
-def test_masked_odd_lengths(N, dtype, reduction):
+def test_masked_odd_lengths(N, dtype, reduction, device):
     B = 3
-    xs = make_loss_tensors((B, N), dtype, seed=4)
-    fused_vs_reference(xs, beta_w=1.4, valuable=mixed_valuable(B), reduction=reduction,
-                       mask_w=rand_bool_mask((B, N), 5), mask_l=_frac((B, N), 6, dtype),
+    xs = make_loss_tensors((B, N), dtype, seed=4, device=device)
+    fused_vs_reference(xs, beta_w=1.4, valuable=mixed_valuable(B, device), reduction=reduction,
+                       mask_w=rand_bool_mask((B, N), 5, device=device), mask_l=_frac((B, N), 6, dtype).to(device),
                        grad_out=per_sample(B, 7, -1, 1) if reduction == "none" else None)
 
 
-def test_broadcast_mask_equals_expanded_mask():
+def test_broadcast_mask_equals_expanded_mask(device):
     shape = (3, 263, 1, 11)
-    xs = make_loss_tensors(shape, F64, seed=8)
-    m = length_mask(3, 11, 9)
-    kw = dict(beta_w=1.5, valuable=mixed_valuable(3), reduction="none")
+    xs = make_loss_tensors(shape, F64, seed=8, device=device)
+    m = length_mask(3, 11, 9, device)
+    kw = dict(beta_w=1.5, valuable=mixed_valuable(3, device), reduction="none")
     a = loss_and_grads(SF.sopo_loss, xs, mask_w=m, mask_l=m, **kw)
     b = loss_and_grads(SF.sopo_loss, xs, mask_w=m.expand(shape).contiguous(),
                        mask_l=m.expand(shape).contiguous(), **kw)
@@ -84,15 +95,15 @@ def test_broadcast_mask_equals_expanded_mask():
     p = list(map(to64, xs))
     Lw = ((p[0] - p[2]) ** 2 * m).sum((1, 2, 3)) / (263 * lengths)
     Lr = ((p[1] - p[2]) ** 2 * m).sum((1, 2, 3)) / (263 * lengths)
-    _, stats = SF.sopo_loss_and_stats(*xs, mask_w=m, mask_l=m, beta_w=1.5, valuable=mixed_valuable(3))
+    _, stats = SF.sopo_loss_and_stats(*xs, mask_w=m, mask_l=m, beta_w=1.5, valuable=mixed_valuable(3, device))
     assert_close(stats.d_w, Lw - Lr, F64)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32], ids=dtype_id)
-def test_bool_mask_equals_float_01_mask(dtype):
-    xs = make_loss_tensors((3, 40), dtype, seed=10)
-    m = rand_bool_mask((3, 40), 11)
-    kw = dict(beta_w=1.5, valuable=mixed_valuable(3), reduction="none")
+def test_bool_mask_equals_float_01_mask(dtype, device):
+    xs = make_loss_tensors((3, 40), dtype, seed=10, device=device)
+    m = rand_bool_mask((3, 40), 11, device=device)
+    kw = dict(beta_w=1.5, valuable=mixed_valuable(3, device), reduction="none")
     a = loss_and_grads(SF.sopo_loss, xs, mask_w=m, mask_l=m, **kw)
     b = loss_and_grads(SF.sopo_loss, xs, mask_w=m.to(dtype), mask_l=m.to(dtype), **kw)
     for x, y in zip(a, b):
@@ -100,11 +111,11 @@ def test_bool_mask_equals_float_01_mask(dtype):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=dtype_id)
-def test_masked_out_elements(dtype):
+def test_masked_out_elements(dtype, device):
     B, N = 3, 50
-    xs = make_loss_tensors((B, N), dtype, seed=12)
-    m = rand_bool_mask((B, N), 13, p=0.5)
-    kw = dict(beta_w=1.5, valuable=torch.ones(B, dtype=torch.bool), mask_w=m, mask_l=m,
+    xs = make_loss_tensors((B, N), dtype, seed=12, device=device)
+    m = rand_bool_mask((B, N), 13, p=0.5, device=device)
+    kw = dict(beta_w=1.5, valuable=torch.ones(B, dtype=torch.bool, device=device), mask_w=m, mask_l=m,
               reduction="none")
     loss, gw, gl = loss_and_grads(SF.sopo_loss, xs, **kw)
     assert (gw[~m] == 0).all() and (gl[~m] == 0).all()
@@ -116,14 +127,14 @@ def test_masked_out_elements(dtype):
     assert torch.equal(gw[m], gw2[m]) and torch.equal(gl[m], gl2[m])
 
 
-def test_float32_mask_with_bf16_predictions():
+def test_float32_mask_with_bf16_predictions(device):
     # a float mask whose dtype differs from the predictions': the reference applies it in the
     # compute dtype (fp32), so the fractional weights must not be rounded to bf16 first
     # first, so the stats (fp32, the accumulation dtype) are as exact as for a bf16 mask
     shape = (4, 64)
-    xs = make_loss_tensors(shape, BF16, seed=14)
-    mw, ml = _frac(shape, 15, F32), _frac(shape, 16, F32)
-    v = torch.ones(4, dtype=torch.bool)
+    xs = make_loss_tensors(shape, BF16, seed=14, device=device)
+    mw, ml = _frac(shape, 15, F32).to(device), _frac(shape, 16, F32).to(device)
+    v = torch.ones(4, dtype=torch.bool, device=device)
     _, st = SF.sopo_loss_and_stats(*xs, beta_w=1.5, valuable=v, mask_w=mw, mask_l=ml)
     p = list(map(to64, xs))
     d_w = R.masked_mse(p[0], p[2], mw.double()) - R.masked_mse(p[1], p[2], mw.double())
@@ -135,12 +146,13 @@ def test_float32_mask_with_bf16_predictions():
     assert_close(st16.d_w, R.masked_mse(p[0], p[2], to64(mw.to(BF16))) - R.masked_mse(p[1], p[2], to64(mw.to(BF16))),
                  F32)
     # and the loss itself (scale 4 makes the loss sensitive to d)
-    fused_vs_reference(xs, beta_w=1.5, valuable=mixed_valuable(4), scale=4.0, mask_w=mw, mask_l=ml)
+    fused_vs_reference(xs, beta_w=1.5, valuable=mixed_valuable(4, device), scale=4.0, mask_w=mw, mask_l=ml)
 
 
 @pytest.mark.parametrize("side", ["mask_w", "mask_l"])
 @pytest.mark.parametrize("kind", ["bool", "float", "mdm"])
 def test_empty_mask_row_raises(side, kind):
+    """CPU only: the CUDA op returns NaN for that row unless SOPO_EXT_CHECK_MASKS=1 (test_cuda_ops.py)."""
     B = 3
     shape = (B, 263, 1, 6)
     xs = make_loss_tensors(shape, F32, seed=17)

@@ -5,13 +5,16 @@ loss tensors in turn (and into a float mask, beta_w and scale); the per-sample l
 gradients must equal the reference's, NaN positions included
 (torch.testing.assert_close(..., equal_nan=True), float64, conftest.TOL), and row 1 must stay
 finite. The cosine ops get the same treatment. A NaN in pred_w must make the (mean) loss NaN.
+Every test runs on each device of conftest.DEVICES (the CUDA ops propagate like the CPU ones), the
+loss also with a weighted backward (output gradients not exact in binary).
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import BF16, F32, F64, TOL, dtype_id, loss_and_grads, make_loss_tensors, per_sample, randn
+from conftest import (BF16, F16, F32, F64, TOL, dtype_id, grad_weights, loss_and_grads, make_loss_tensors,
+                      per_sample, randn)
 from sopo_ext import functional as SF
 from sopo_ext import reference as R
 
@@ -22,6 +25,7 @@ VALUES = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 def _compare(xs, **kw):
     fused = loss_and_grads(SF.sopo_loss, xs, **kw)
     ref = loss_and_grads(R.sopo_loss, xs, **kw)
+    assert all(f.device == xs[0].device for f in fused)
     for name, a, e in zip(("loss", "grad_pred_w", "grad_pred_l"), fused, ref):
         torch.testing.assert_close(a, e, equal_nan=True, **TOL[F64],
                                    msg=lambda m, name=name: f"{name}: fused {a[0].tolist()} vs reference "
@@ -32,30 +36,34 @@ def _compare(xs, **kw):
 
 @pytest.mark.parametrize("value", list(VALUES))
 @pytest.mark.parametrize("name", NAMES)
-def test_nonfinite_loss_input(name, value):
-    xs = make_loss_tensors((2, 6), F64, seed=1)
+def test_nonfinite_loss_input(name, value, device):
+    xs = make_loss_tensors((2, 6), F64, seed=1, device=device)
     xs[NAMES.index(name)][0, 2] = VALUES[value]
-    _compare(xs, beta_w=1.5, valuable=torch.tensor([True, True]), reduction="none")
+    v = torch.tensor([True, True], device=device)
+    _compare(xs, beta_w=1.5, valuable=v, reduction="none")
+    _compare(xs, beta_w=1.5, valuable=v, reduction="none", grad_out=grad_weights(2))
 
 
 @pytest.mark.parametrize("what", ["mask_w_nan", "mask_l_inf", "beta_w_nan", "beta_w_inf", "scale_nan"])
-def test_nonfinite_weights(what):
-    xs = make_loss_tensors((2, 6), F64, seed=2)
-    kw = dict(beta_w=per_sample(2, 3, 1, 2), scale=per_sample(2, 4, 1, 2), valuable=torch.tensor([True, True]),
-              mask_w=torch.ones(2, 6, dtype=F64), mask_l=torch.ones(2, 6, dtype=F64), reduction="none")
+def test_nonfinite_weights(what, device):
+    xs = make_loss_tensors((2, 6), F64, seed=2, device=device)
+    kw = dict(beta_w=per_sample(2, 3, 1, 2, device=device), scale=per_sample(2, 4, 1, 2, device=device),
+              valuable=torch.tensor([True, True], device=device), mask_w=torch.ones(2, 6, dtype=F64, device=device),
+              mask_l=torch.ones(2, 6, dtype=F64, device=device), reduction="none")
     key, value = what.rsplit("_", 1)
     if key.startswith("mask"):
         kw[key][0, 1] = VALUES[value]
     else:
         kw[key][0] = VALUES[value]
     _compare(xs, **kw)
+    _compare(xs, **kw, grad_out=grad_weights(2))
 
 
-@pytest.mark.parametrize("dtype", [F64, F32, BF16], ids=dtype_id)
-def test_nan_pred_w_gives_nan_loss(dtype):
-    xs = make_loss_tensors((3, 10), dtype, seed=5)
+@pytest.mark.parametrize("dtype", [F64, F32, BF16, F16], ids=dtype_id)
+def test_nan_pred_w_gives_nan_loss(dtype, device):
+    xs = make_loss_tensors((3, 10), dtype, seed=5, device=device)
     xs[0][1, 4] = float("nan")
-    v = torch.tensor([True, False, True])
+    v = torch.tensor([True, False, True], device=device)
     for reduction in ("mean", "sum"):
         loss = SF.sopo_loss(*xs, beta_w=1.5, valuable=v, reduction=reduction)
         assert loss.isnan()
@@ -66,9 +74,9 @@ def test_nan_pred_w_gives_nan_loss(dtype):
 
 
 @pytest.mark.parametrize("value", list(VALUES))
-def test_nonfinite_cosine_inputs(value):
-    text = randn((3, 5), 6)
-    motion = randn((3, 4, 5), 7)
+def test_nonfinite_cosine_inputs(value, device):
+    text = randn((3, 5), 6, device=device)
+    motion = randn((3, 4, 5), 7, device=device)
     text[0, 1] = VALUES[value]
     motion[1, 2, 3] = VALUES[value]
     r = SF.reward_scores(text, motion)

@@ -5,8 +5,9 @@ for a wrong shape / device / empty dimension / unknown option) AND that the mess
 offending argument (pytest.raises(..., match=...)). "Before any kernel runs" is enforced: the
 `no_kernels` fixture replaces the op namespace the functional API dispatches through with an
 object that fails the test on any access, so only sopo_ext._validate can raise. Device
-mismatches use the 'meta' device against CPU tensors. The one value-dependent check (a mask
-row with no valid element) belongs to the kernel and is tested in test_loss_masks.py.
+mismatches use the 'meta' device against CPU tensors, and (on a machine with a GPU) CUDA
+predictions with CPU arguments. The one value-dependent check (a mask row with no valid element)
+belongs to the kernel and is tested in test_loss_masks.py (CPU) and test_cuda_ops.py (CUDA).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 import sopo_ext._ops
-from conftest import F32, F64
+from conftest import F32, F64, REAL_CUDA
 from sopo_ext import functional as SF
 
 B, N = 3, 8
@@ -185,3 +186,32 @@ def test_min_cosine_rejects(case, no_kernels):
     args, kw, exc, name = MINCOS_CASES[case]
     with pytest.raises(exc, match=rf"\b{name}\b"):
         SF.min_cosine_similarity(*args, **kw)
+
+
+# CUDA predictions, one argument left on the CPU: ValueError naming it
+CROSS_DEVICE_CASES = ["ref_pred_w", "target_l", "valuable", "beta_w", "scale", "mask_w", "mask_l"]
+
+
+@pytest.mark.parametrize("name", CROSS_DEVICE_CASES)
+@pytest.mark.parametrize("_", [pytest.param(None, id="cuda", marks=REAL_CUDA)])
+def test_cuda_predictions_with_a_cpu_argument(name, _, no_kernels):
+    kw = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _loss_kwargs().items()}
+    cpu = {"ref_pred_w": _t(B, N), "target_l": _t(B, N), "valuable": torch.ones(B, dtype=torch.bool),
+           "beta_w": torch.ones(B, dtype=F64), "scale": torch.ones(B, dtype=F64),
+           "mask_w": torch.ones(B, N, dtype=torch.bool), "mask_l": torch.ones(B, 1, dtype=F64)}[name]
+    kw[name] = cpu
+    with pytest.raises(ValueError, match=rf"\b{name}\b"):
+        _call_loss(kw)
+
+
+@pytest.mark.parametrize("_", [pytest.param(None, id="cuda", marks=REAL_CUDA)])
+def test_cuda_cosine_ops_with_a_cpu_argument(_, no_kernels):
+    with pytest.raises(ValueError, match=r"\bmotion_emb\b"):
+        SF.reward_scores(_t(B, 4, device="cuda"), _t(B, 2, 4))
+    with pytest.raises(ValueError, match=r"\bcandidates\b"):
+        SF.min_cosine_similarity(_t(B, 4, device="cuda"), _t(B, 2, 4))
+    # all on the GPU: validation passes and the (guarded) kernel is reached
+    with pytest.raises(AssertionError, match="reward_scores"):
+        SF.reward_scores(_t(B, 4, device="cuda"), _t(B, 2, 4, device="cuda"))
+    with pytest.raises(AssertionError, match="sopo_loss_forward"):
+        _call_loss({k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _loss_kwargs().items()})
