@@ -1,0 +1,132 @@
+"""Where the online sampling loop's time goes (issue 17, step 1): a profile, not a benchmark.
+
+    python benchmarks/profile_sampling.py --backbone mdm     # or mld; --rows 64 --frames 196 --steps 8
+
+Runs the trainer's sampling loop (``sopo_ext.sampling.generate``: DDIM, the bundled backbone,
+B*K rows at the trainer's defaults) under ``torch.profiler`` and prints: the loop's wall time,
+one model forward's FLOPs (``FlopCounterMode``) and GFLOP/s, a plain fp32 matrix product's
+GFLOP/s measured in the same run (the machine's ceiling on the dominant op), and the profile's
+self CPU time grouped by kind (matrix products, attention, normalization, activations,
+elementwise, copies / layout, other), with the top ops and the matrix products' shapes.
+Nothing is asserted; the output goes into docs/performance.md with this command.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from sopo_ext.checkpoint import load_checkpoint
+from sopo_ext.sampling import diffusion_from_meta, generate
+
+KINDS = [
+    ("matrix products", ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation")),
+    ("attention", ("attention", "softmax", "_masked_softmax", "_transform_bias_rescale_qkv",
+                   "_native_multi_head_attention", "_transformer_encoder_layer_fwd")),
+    ("normalization", ("layer_norm", "native_layer_norm", "group_norm")),
+    ("activations", ("gelu", "relu", "silu", "tanh", "sigmoid")),
+    ("copies / layout", ("copy_", "clone", "contiguous", "cat", "stack", "index", "gather",
+                         "repeat", "expand", "permute", "transpose", "view", "reshape", "to", "_to_copy",
+                         "empty", "zeros", "fill_", "select", "slice", "unbind", "split", "chunk")),
+    ("elementwise", ("add", "mul", "sub", "div", "where", "masked_fill", "rsqrt", "sqrt", "exp",
+                     "clamp", "neg", "pow", "sin", "cos", "lerp", "addcmul")),
+]
+
+
+def kind_of(name: str) -> str:
+    op = name.split("::")[-1]
+    for kind, keys in KINDS:
+        if any(op == k or op.startswith(k + "_") or op == "_" + k for k in keys) or \
+                (kind == "attention" and "attention" in op):
+            return kind
+    return "other"
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--backbone", default="mdm", choices=("mdm", "mld"))
+    ap.add_argument("--rows", type=int, default=64, help="B*K rows (trainer default 16 x 4)")
+    ap.add_argument("--frames", type=int, default=196)
+    ap.add_argument("--steps", type=int, default=8, help="DDIM steps (trainer default 8)")
+    ap.add_argument("--guidance", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--top", type=int, default=12)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    c = load_checkpoint(args.backbone, args.backbone)
+    model = c.model.eval()
+    diffusion = diffusion_from_meta(c.meta)
+    text_dim = model.config.text_dim if args.backbone == "mdm" else model.denoiser.config.text_dim
+    g = torch.Generator().manual_seed(0)
+    text = torch.nn.functional.normalize(torch.randn(args.rows, text_dim, generator=g), dim=-1)
+    lengths = torch.randint(args.frames // 2, args.frames + 1, (args.rows,), generator=g)
+    mask = torch.arange(args.frames)[None, :] < lengths[:, None]
+
+    def loop():
+        return generate(model, diffusion, text, mask, steps=args.steps, sampler="ddim",
+                        guidance_scale=args.guidance, generator=torch.Generator().manual_seed(1))
+
+    loop()  # warm-up (schedule tables, allocator)
+    t0 = time.perf_counter()
+    loop()
+    wall = time.perf_counter() - t0
+
+    # one denoiser forward at the loop's shapes: FLOPs and time
+    if args.backbone == "mdm":
+        x = torch.randn(args.rows, args.frames, model.config.nfeats, generator=g)
+        fwd = lambda: model(x, torch.full((args.rows,), 10), text, mask, None)  # noqa: E731
+    else:
+        x = torch.randn(args.rows, *model.latent_shape, generator=g)
+        fwd = lambda: model(x, torch.full((args.rows,), 10), text, None, None)  # noqa: E731
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as fc:
+            fwd()
+        flops = fc.get_total_flops()
+        fwd()
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fwd()
+        t_fwd = (time.perf_counter() - t0) / 5
+    mm = matmul_gflops()
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loop()
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    by_kind = collections.Counter()
+    for e in events:
+        by_kind[kind_of(e.key)] += e.self_cpu_time_total
+    print(f"# sampling loop profile: {args.backbone}, {args.rows} rows x {args.frames} frames, "
+          f"{args.steps} DDIM steps, CFG {args.guidance}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print(f"loop wall time: {wall * 1e3:.0f} ms ({wall / args.steps * 1e3:.1f} ms per step)")
+    print(f"one forward: {flops / 1e9:.2f} GFLOP in {t_fwd * 1e3:.1f} ms = {flops / t_fwd / 1e9:.1f} GFLOP/s; "
+          f"fp32 1024^3 matrix product in the same run: {mm:.1f} GFLOP/s "
+          f"(forward at {flops / t_fwd / 1e9 / mm * 100:.0f}% of it)")
+    print("\n| kind | self CPU ms | share |\n|---|---:|---:|")
+    for kind, us in by_kind.most_common():
+        print(f"| {kind} | {us / 1e3:.1f} | {us / total * 100:.1f}% |")
+    print("\n| op | kind | input shapes | calls | self CPU ms | share |\n|---|---|---|---:|---:|---:|")
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]:
+        shapes = str(e.input_shapes)[:70].replace("|", "/")
+        print(f"| {e.key} | {kind_of(e.key)} | {shapes} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | "
+              f"{e.self_cpu_time_total / total * 100:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
