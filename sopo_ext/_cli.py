@@ -70,16 +70,16 @@ def _base_type(hint):
 def add_dataclass_flags(parser: argparse.ArgumentParser, cls, renamed: Optional[Dict[str, Dict[str, str]]] = None):
     """One flag per field of the dataclass ``cls`` (``sampling_steps`` -> ``--sampling-steps``),
     its help from the field's ``metadata["help"]``: the config class is the single source of the
-    flags. A bool field that defaults to True becomes ``--no-<name>``; ``metadata["cli"] = False``
-    hides a flag from --help (or, for ``step_version``-like fields, leaves it out)."""
+    flags. A bool field that defaults to True becomes ``--no-<name>``; ``metadata["cli"]`` is
+    "flag", "hidden" (no --help entry) or "none" (no flag)."""
     hints = typing.get_type_hints(cls)
     renamed = renamed or {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
-        if "help" not in meta:
+        if "help" not in meta or meta.get("cli") == "none":
             continue
         kind = _base_type(hints[f.name])
-        help_text = meta["help"] if meta.get("cli", True) else argparse.SUPPRESS
+        help_text = argparse.SUPPRESS if meta.get("cli") == "hidden" else meta["help"]
         if kind is bool:
             if f.default:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
@@ -87,8 +87,6 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, renamed: Optional[
                                     else f"do not: {help_text}")
             else:
                 parser.add_argument(_flag(f.name), dest=f.name, action="store_true", help=help_text)
-            continue
-        if not meta.get("cli", True) and f.name == "step_version":
             continue
         if help_text is not argparse.SUPPRESS and f.default is not None:
             help_text += f" (default {f.default})"
@@ -103,7 +101,7 @@ def config_flags(config, reference, only: Optional[Sequence[str]] = None) -> lis
     among ``only`` when given)."""
     out = []
     for f in dataclasses.fields(config):
-        if not f.metadata.get("cli", True) or "help" not in f.metadata or (only and f.name not in only):
+        if f.metadata.get("cli", "flag") != "flag" or "help" not in f.metadata or (only and f.name not in only):
             continue
         value, base = getattr(config, f.name), getattr(reference, f.name)
         if value == base:

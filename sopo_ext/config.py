@@ -33,7 +33,7 @@ PRESETS = {
                           noise="shared"),
 }
 RENAMED_PRESETS = {
-    "official": "preset 'official' is now 'official-loss': it sets the release's loss and "
+    "official": "'official' is now 'official-loss': it sets the release's loss and "
                 "sampler, not its batch size (64), padded length (196) or train-mode sampling",
 }
 #: the values of the ``None``-default fields when no preset sets them.
@@ -55,8 +55,9 @@ class ConfigError(ValueError):
         self.field, self.message = field_name, message
 
 
-def _f(default, help: str, *, choices=None, cli: bool = True):
-    """A documented field; ``help`` is also the flag's --help text."""
+def _f(default, help: str, *, choices=None, cli: str = "flag"):
+    """A documented field; ``help`` is also the flag's --help text. ``cli``: "flag" (a flag),
+    "hidden" (a flag left out of --help and of recorded commands), "none" (not a flag)."""
     meta = {"help": help, "choices": choices, "cli": cli}
     return field(default=default, metadata=meta)
 
@@ -130,10 +131,10 @@ class SoPoConfig:
     log_every: int = _f(10, "read the step statistics back (one host sync) every N steps; every "
                         "step is logged")
     resume: bool = _f(False, "continue the run in out/ from its last checkpoint")
-    stop_after: Optional[int] = _f(None, "stop after N more steps (tests of --resume)", cli=False)
+    stop_after: Optional[int] = _f(None, "stop after N more steps (tests of --resume)", cli="hidden")
     progress: bool = _f(True, "show a progress bar")
     step_version: int = _f(STEP_VERSION, "recorded with the run: a resume refuses another version",
-                           cli=False)
+                           cli="none")
 
     def __post_init__(self):
         if self.method in RENAMED_METHODS:

@@ -72,7 +72,7 @@ def resume_state(last: Path, current: dict, kind: Optional[str] = None, *,
     if not (last / ckpt_io.CONFIG).is_file():
         print(f"[{who}] --resume: no checkpoint in {last} yet, starting from scratch")
         return None, None
-    c = ckpt_io.load_checkpoint(last, kind) if kind else ckpt_io.load_checkpoint(last)
+    c = ckpt_io.load_checkpoint(last, kind)
     state = c.train_state()
     if state is None:
         raise ckpt_io.CheckpointError(f"{last} has no training state to resume from")

@@ -32,17 +32,12 @@ from .trainer import SoPoTrainer
 
 __all__ = ["main", "build_parser", "parse_args", "run", "PRESETS", "STEP_VERSION"]
 
-_CLI_RENAMED_PRESETS = {
-    name: msg.replace("preset 'official' is now 'official-loss'", "--preset official is now --preset official-loss")
-    for name, msg in RENAMED_PRESETS.items()}
-
-
 def build_parser() -> argparse.ArgumentParser:
     """One flag per ``SoPoConfig`` field, its help the field's documentation."""
     ap = argparse.ArgumentParser(prog="python -m sopo_ext.train", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     return add_dataclass_flags(ap, SoPoConfig,
-                               renamed={"method": RENAMED_METHODS, "preset": _CLI_RENAMED_PRESETS})
+                               renamed={"method": RENAMED_METHODS, "preset": RENAMED_PRESETS})
 
 
 def parse_args(argv=None) -> SoPoConfig:

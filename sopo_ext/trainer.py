@@ -216,10 +216,9 @@ class SoPoTrainer:
         cfg, device = self.config, self.device
         self.base = self._checkpoint(self._given["base"], cfg.base, cfg.backbone, cfg.backbone)
         reward_c = self._checkpoint(self._given["reward"], cfg.reward, "reward", "tmr")
-        ev = self._given["evaluator"] or cfg.evaluator
-        evaluator_c = None if ev == "none" else self._checkpoint(
-            ev if isinstance(ev, ckpt_io.Checkpoint) else None,
-            None if isinstance(ev, ckpt_io.Checkpoint) else ev, "evaluator", "evaluator")
+        skip = (self._given["evaluator"] or cfg.evaluator) == "none"
+        evaluator_c = None if skip else self._checkpoint(self._given["evaluator"], cfg.evaluator,
+                                                        "evaluator", "evaluator")
         if self._given["text_encoder"] is not None:
             self.text_encoder = self._given["text_encoder"]
         else:

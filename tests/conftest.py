@@ -355,3 +355,23 @@ def tiny_assets(tmp_path_factory):
     yield make_tiny_assets(root)
     torch.set_num_threads(n)
     mp.undo()
+
+
+def empty_mask_row_case(side: str, kind: str, device="cpu"):
+    """Loss inputs [3, 263, 1, 6] whose ``side`` mask (bool, float or MDM's [B, 1, 1, T] lengths:
+    ``kind``) has no valid element in row 1; the other mask is valid everywhere. Returns
+    (the six tensors, keyword arguments of SF.sopo_loss)."""
+    B = 3
+    shape = (B, 263, 1, 6)
+    xs = make_loss_tensors(shape, F32, seed=17, device=device)
+    if kind == "mdm":
+        bad = length_mask(B, 6, 18)
+        bad[1] = False
+    else:
+        bad = rand_bool_mask(shape, 19)
+        bad[1] = False
+        if kind == "float":
+            bad = bad.float()
+    good = length_mask(B, 6, 20)
+    masks = {"mask_w": good.to(device), "mask_l": good.to(device), side: bad.to(device)}
+    return xs, dict(beta_w=1.3, valuable=mixed_valuable(B, device), scale=0.7, **masks)

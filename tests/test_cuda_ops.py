@@ -34,7 +34,7 @@ import math
 import pytest
 import torch
 
-from conftest import (ALL_DTYPES, BF16, CUDA, CUDA_MARKS, F16, F32, F64, FAKE_CUDA, HALF_DTYPES, LAYOUTS,
+from conftest import (empty_mask_row_case, ALL_DTYPES, BF16, CUDA, CUDA_MARKS, F16, F32, F64, FAKE_CUDA, HALF_DTYPES, LAYOUTS,
                       REAL_CUDA, TOL_DEVICES, assert_close, dtype_id, fake_cuda_backward,
                       fused_vs_reference, grad_weights, length_mask, loss_and_grads, make_loss_tensors,
                       mixed_valuable, per_sample, rand_bool_mask, randn, reference_stats, to64, with_layout)
@@ -294,23 +294,6 @@ def test_large_batch_cosine_ops(BKD, dtype):
 
 # ---- empty mask rows ------------------------------------------------------------------------
 
-def _empty_row_case(side, kind, device):
-    B = 3
-    shape = (B, 263, 1, 6)
-    xs = make_loss_tensors(shape, F32, seed=17, device=device)
-    if kind == "mdm":
-        bad = length_mask(B, 6, 18)
-        bad[1] = False
-    else:
-        bad = rand_bool_mask(shape, 19)
-        bad[1] = False
-        if kind == "float":
-            bad = bad.float()
-    good = length_mask(B, 6, 20)
-    masks = {"mask_w": good.to(device), "mask_l": good.to(device), side: bad.to(device)}
-    return xs, dict(beta_w=1.3, valuable=mixed_valuable(B, device), scale=0.7, **masks)
-
-
 @pytest.mark.parametrize("side", ["mask_w", "mask_l"])
 @pytest.mark.parametrize("kind", ["bool", "float", "mdm"])
 @pytest.mark.parametrize("_", [pytest.param(None, id="cuda", marks=REAL_CUDA)])
@@ -319,7 +302,7 @@ def test_empty_mask_row_is_nan_on_cuda(side, kind, _, monkeypatch):
     step): its loss, stats and gradients are NaN, which a trainer's non-finite check reports;
     every other row is exact. SOPO_EXT_CHECK_MASKS=1 turns the ValueError of the CPU op back on."""
     monkeypatch.delenv("SOPO_EXT_CHECK_MASKS", raising=False)
-    xs, kw = _empty_row_case(side, kind, "cuda")
+    xs, kw = empty_mask_row_case(side, kind, "cuda")
     ok = [0, 2]
     for weights in (None, grad_weights(3)):  # the plain backward and a rescaled one
         loss, gw, gl = loss_and_grads(SF.sopo_loss, xs, grad_out=weights, reduction="none", **kw)
@@ -348,7 +331,7 @@ def test_empty_mask_row_is_nan_on_cuda(side, kind, _, monkeypatch):
             SF.sopo_loss(*xs, **kw)
     # and the CPU op raises either way
     monkeypatch.delenv("SOPO_EXT_CHECK_MASKS")
-    cpu_xs, cpu_kw = _empty_row_case(side, kind, "cpu")
+    cpu_xs, cpu_kw = empty_mask_row_case(side, kind, "cpu")
     with pytest.raises(ValueError, match=rf"{side}\b.*has no valid element"):
         SF.sopo_loss(*cpu_xs, **cpu_kw)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import (ALL_DTYPES, BF16, F32, F64, assert_close, dtype_id, fused_vs_reference, gen,
+from conftest import (empty_mask_row_case, ALL_DTYPES, BF16, F32, F64, assert_close, dtype_id, fused_vs_reference, gen,
                       grad_weights, length_mask, loss_and_grads, make_loss_tensors, mixed_valuable, per_sample,
                       rand_bool_mask, to64)
 from sopo_ext import functional as SF
@@ -153,22 +153,9 @@ def test_float32_mask_with_bf16_predictions(device):
 @pytest.mark.parametrize("kind", ["bool", "float", "mdm"])
 def test_empty_mask_row_raises(side, kind):
     """CPU only: the CUDA op returns NaN for that row unless SOPO_EXT_CHECK_MASKS=1 (test_cuda_ops.py)."""
-    B = 3
-    shape = (B, 263, 1, 6)
-    xs = make_loss_tensors(shape, F32, seed=17)
-    if kind == "mdm":
-        bad = length_mask(B, 6, 18)
-        bad[1] = False
-    else:
-        bad = rand_bool_mask(shape, 19)
-        bad[1] = False
-        if kind == "float":
-            bad = bad.float()
-    good = torch.ones(shape, dtype=torch.bool)
-    masks = {"mask_w": good, "mask_l": good, side: bad}
+    xs, kw = empty_mask_row_case(side, kind)
     with pytest.raises(ValueError, match=side):
-        SF.sopo_loss(*xs, beta_w=1.0, valuable=mixed_valuable(B), **masks)
+        SF.sopo_loss(*xs, **kw)
     # the reference would divide by zero there: the op refuses instead of returning NaN/inf
-    ref = R.sopo_loss(*xs, beta_w=1.0, valuable=torch.ones(B, dtype=torch.bool), **masks,
-                      reduction="none")
+    ref = R.sopo_loss(*xs, **{**kw, "valuable": torch.ones(3, dtype=torch.bool)}, reduction="none")
     assert not torch.isfinite(ref[1])
