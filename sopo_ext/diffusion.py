@@ -388,6 +388,39 @@ class GaussianDiffusion:
             out = out_u + s * (out_c - out_u)
         return out.to(x_t.dtype)
 
+    def _loop_denoiser(self, model, x_T: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor],
+                       s: float):
+        """``_guided_output`` for a whole sampling loop from the model's ``sampling_plan``: the
+        conditional and, with guidance, the unconditional inputs are prepared once. None when
+        the model has no plan or is in training mode (the loop then calls the model)."""
+        make_plan = getattr(model, "sampling_plan", None)
+        if make_plan is None or getattr(model, "training", False):
+            return None
+        B = x_T.shape[0]
+        dev = x_T.device
+        if text_emb is None or s == 1.0:
+            plan = make_plan(x_T, text_emb, mask, torch.full((B,), text_emb is None, dtype=torch.bool, device=dev))
+
+            def denoise(x: Tensor, t: Tensor) -> Tensor:
+                return plan(x, t).to(x.dtype)
+        else:
+            both = torch.cat([x_T, x_T])
+            uncond = torch.cat([torch.zeros(B, dtype=torch.bool, device=dev),
+                                torch.ones(B, dtype=torch.bool, device=dev)])
+            plan = make_plan(both, torch.cat([text_emb, text_emb]),
+                             None if mask is None else torch.cat([mask, mask]), uncond)
+
+            def denoise(x: Tensor, t: Tensor) -> Tensor:
+                torch.cat([x, x], out=both)
+                out = plan(both, torch.cat([t, t]))
+                if out.shape[0] != 2 * B:
+                    raise ValueError(f"model returned {out.shape[0]} rows for a batch of {2 * B}")
+                out_c, out_u = out[:B], out[B:]
+                return (out_u + s * (out_c - out_u)).to(x.dtype)
+        denoise.masks_output = plan.masks_output
+        denoise.mask = None if mask is None else mask.unsqueeze(-1).to(x_T.dtype)
+        return denoise
+
     @staticmethod
     def _check_guidance(guidance_scale) -> float:
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
@@ -445,7 +478,7 @@ class GaussianDiffusion:
                steps: Optional[int] = None, sampler: str = "ddim", eta: float = 0.0,
                guidance_scale: float = 1.0, generator: Optional[torch.Generator] = None,
                noise: Optional[Tensor] = None, clip_denoised: Optional[float] = None,
-               progress: bool = False) -> Tensor:
+               progress: bool = False, fast: bool = True) -> Tensor:
         """Draw x0 samples (no grad; the model is used in whatever mode it is in).
 
         shape_or_x_T: the sample shape ([B, T, F] or latent [B, L, D]; B must equal text_emb's
@@ -459,6 +492,11 @@ class GaussianDiffusion:
         clip_denoised: None, or c > 0 to clamp x0_hat to [-c, c] at every step (eps is then
           recomputed from the clamped x0, as improved-diffusion does).
         mask: bool [B, T]; padded frames are zero in x_T, after every step and in the result.
+        fast: use the model's ``sampling_plan`` (when it has one and is in eval mode: the text
+          projection, masks and CFG inputs made once per loop instead of once per step) and
+          update x in place; the samples equal those of ``fast=False`` (the plain loop: one
+          ``model(...)`` call per step, kept as the reference) value for value
+          (tests/test_fast_sampling.py).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -500,6 +538,7 @@ class GaussianDiffusion:
         x = self._apply_mask(x, mask)
 
         sched = self._schedule_floats(steps)
+        denoise = self._loop_denoiser(model, x, text_emb, mask, s) if fast else None
         iterator = range(len(timesteps))
         if progress:
             from tqdm.auto import tqdm
@@ -523,8 +562,12 @@ class GaussianDiffusion:
                 c_x0 = math.sqrt(abar_prev) * beta / (1 - abar)
                 c_eps, c_xt = 0.0, math.sqrt(1 - beta) * (1 - abar_prev) / (1 - abar)
                 noise_std = math.sqrt(max(sched["posterior_variance"][i], 0.0))
-            with self.trusted():
-                out = self._guided_output(model, x, t, text_emb, mask, s)
+            add_noise = noise_std > 0 and not last
+            if denoise is None:
+                with self.trusted():
+                    out = self._guided_output(model, x, t, text_emb, mask, s)
+            else:
+                out = denoise(x, t)  # a fresh tensor of x's dtype: updated in place below
             if clip_denoised is None:
                 # x0_hat and eps_hat are both linear in (out, x_t): fold the update onto the raw
                 # output, two elementwise passes instead of seven
@@ -533,14 +576,23 @@ class GaussianDiffusion:
                     a_out, a_xt = c_x0 - c_eps * sa / sq, c_xt + c_eps / sq
                 else:  # x0 = (x_t - sq eps) / sa
                     a_out, a_xt = c_eps - c_x0 * sq / sa, c_xt + c_x0 / sa
-                x = torch.add(out * a_out, x, alpha=a_xt)
+                if denoise is None:
+                    x = torch.add(out * a_out, x, alpha=a_xt)
+                else:  # the same two operations, without two [B, T, F] allocations
+                    x = out.mul_(a_out).add_(x, alpha=a_xt)
             else:
                 with self.trusted():
                     x0_hat, _ = self.x0_eps_from_output(out, x, t)
                     x0_hat = x0_hat.clamp(-float(clip_denoised), float(clip_denoised))
                     eps_hat = self.eps_from_x0(x, t, x0_hat)
                 x = c_x0 * x0_hat + c_eps * eps_hat + c_xt * x
-            if noise_std > 0 and not last:
-                x = x + noise_std * _randn(x.shape, generator, x.device, x.dtype)
-            x = self._apply_mask(x, mask)
+            if add_noise:
+                z = _randn(x.shape, generator, x.device, x.dtype)
+                x = x + noise_std * z if denoise is None else x.add_(z.mul_(noise_std))
+            if denoise is None:
+                x = self._apply_mask(x, mask)
+            elif mask is not None and (add_noise or not denoise.masks_output):
+                # otherwise x is already zero at padded frames: the output is (the plan masks
+                # it) and so was x_t, and a x_t + b out keeps a zero a zero
+                x = x.mul_(denoise.mask)
         return x

@@ -128,6 +128,7 @@ class StepConfig:
     bf16: bool = False
     length_buckets: int = 4  # MDM online sampling: up to this many loops, captions grouped by length
     min_bucket_rows: int = 16  # ... each with at least this many samples (smaller batches run slower)
+    fast_sampling: bool = True  # the backbone's sampling plan and in-place updates (same samples); False: the plain loop
 
     def __post_init__(self):
         if self.method in RENAMED_METHODS:
@@ -153,6 +154,8 @@ class StepConfig:
             raise ValueError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+        if not isinstance(self.fast_sampling, bool):
+            raise ValueError(f"fast_sampling must be a bool, got {self.fast_sampling!r}")
         for name in ("length_buckets", "min_bucket_rows"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -256,7 +259,8 @@ class PreferenceStep:
         shape = (n, mask_k.shape[1], model.config.nfeats) if self.kind == "mdm" else (n,) + tuple(model.latent_shape)
         return self.diffusion.sample(model, shape, text_k, mask_k if self.kind == "mdm" else None,
                                      steps=self.cfg.sampling_steps, sampler=self.cfg.sampler,
-                                     guidance_scale=self.cfg.guidance_scale, generator=generator)
+                                     guidance_scale=self.cfg.guidance_scale, generator=generator,
+                                     fast=self.cfg.fast_sampling)
 
     def _length_groups(self, lengths: Optional[Tensor], B: int, k: int = 1):
         """[(caption indices, longest length)] in ascending length, or None (one loop). At most

@@ -47,8 +47,7 @@ def generate(model, diffusion: GaussianDiffusion, text_emb: torch.Tensor, mask: 
     kind = getattr(model, "kind", None)
     if kind == "mdm":
         shape = noise if noise is not None else (mask.shape[0], mask.shape[1], model.config.nfeats)
-        x = diffusion.sample(model, shape, text_emb, mask, **kw)
-        return x * mask[..., None].to(x.dtype)
+        return diffusion.sample(model, shape, text_emb, mask, **kw)  # zero at padded frames
     if kind == "mld":
         shape = noise if noise is not None else (mask.shape[0],) + tuple(model.latent_shape)
         z = diffusion.sample(model, shape, text_emb, None, **kw)

@@ -277,3 +277,25 @@ class TextCondition(nn.Module):
             return null
         text = self.proj(text_emb.masked_fill(uncond[:, None], 0.0))
         return torch.where(uncond[:, None], null.to(text.dtype), text)
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling plans: forward with the per-loop constants computed once
+# --------------------------------------------------------------------------------------------
+
+
+class SamplingPlan:
+    """What a backbone's ``sampling_plan(x_T, text_emb, mask, uncond)`` returns: a callable
+    ``plan(x_t, t) -> output`` equal to ``model(x_t, t, text_emb, mask, uncond)`` for every x_t
+    of x_T's shape that is zero at padded frames, with the work that does not change between
+    sampling steps done once. ``masks_output`` says the output is zero at padded frames (so a
+    sampler need not mask it again). The sampler (``GaussianDiffusion.sample``) uses a plan when
+    the model has one and is in eval mode; any other model gets plain forward calls."""
+
+    __slots__ = ("fn", "masks_output")
+
+    def __init__(self, fn, masks_output: bool):
+        self.fn, self.masks_output = fn, masks_output
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        return self.fn(x_t, t)

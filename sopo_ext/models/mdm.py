@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .layers import (PositionalEncoding, TextCondition, TimestepEmbedder, check_mask,
+from .layers import (PositionalEncoding, SamplingPlan, TextCondition, TimestepEmbedder, check_mask,
                      check_motion, check_text_emb, check_timesteps, make_transformer_encoder,
                      num_tokens, patchify, require_activation, require_divisible,
                      require_positive_int, require_probability, resolve_uncond,
@@ -91,30 +91,72 @@ class MDM(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
                 uncond: Optional[Tensor] = None) -> Tensor:
+        batch, frames = self._check_inputs(x_t, text_emb, mask)
+        t = check_timesteps(t, batch)
+        u = resolve_uncond(uncond, text_emb, batch, x_t.device, self.training, self.config.cond_drop_prob)
+        ctx = self._context(text_emb, u, mask, batch, frames, x_t.device)
+        # Zero padded frames so their content cannot leak into valid tokens of a shared patch.
+        return self._denoise(x_t * ctx.frame_mask_as(x_t.dtype), t, ctx)
+
+    def sampling_plan(self, x_T: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
+                      uncond: Optional[Tensor] = None) -> SamplingPlan:
+        """``forward`` for a sampling loop over ``x_T``'s shape: what does not change between
+        steps (the projected text, the frame and key-padding masks) is computed once here
+        instead of once per step, and the input is not masked again (the sampler keeps x_t zero
+        at padded frames). Each call returns exactly what ``forward`` returns. Eval mode only:
+        in training mode the text is dropped at random on every call."""
+        if self.training:
+            raise ValueError("sampling_plan needs the model in eval mode (call .eval()): in "
+                             "training mode forward drops the text at random on every call")
+        batch, frames = self._check_inputs(x_T, text_emb, mask)
+        u = resolve_uncond(uncond, text_emb, batch, x_T.device, False, 0.0)
+        ctx = self._context(text_emb, u, mask, batch, frames, x_T.device)
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            return self._denoise(x_t, check_timesteps(t, batch), ctx)
+        return SamplingPlan(denoise, masks_output=True)
+
+    def _check_inputs(self, x_t: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor]):
         c = self.config
         check_motion(x_t, c.nfeats, "x_t", c.max_frames)
         batch, frames = x_t.shape[:2]
         check_mask(mask, batch, frames)
-        t = check_timesteps(t, batch)
         check_text_emb(text_emb, batch, c.text_dim)
-        u = resolve_uncond(uncond, text_emb, batch, x_t.device, self.training, c.cond_drop_prob)
+        return batch, frames
 
+    def _context(self, text_emb: Optional[Tensor], u: Tensor, mask: Optional[Tensor], batch: int,
+                 frames: int, device: torch.device) -> "_Context":
+        """The inputs of a forward that do not depend on x_t or t."""
         if mask is None:
-            frame_mask = torch.ones(batch, frames, dtype=torch.bool, device=x_t.device)
+            frame_mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
         else:
-            frame_mask = mask.to(device=x_t.device, dtype=torch.bool)
-        # Zero padded frames so their content cannot leak into valid tokens of a shared patch.
-        x = x_t * frame_mask.unsqueeze(-1).to(x_t.dtype)
+            frame_mask = mask.to(device=device, dtype=torch.bool)
+        token_valid = token_mask_from_frames(frame_mask, self.config.frames_per_token)
+        cond_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
+        key_padding = ~torch.cat([cond_valid, token_valid], dim=1)             # True = ignore
+        return _Context(frames, frame_mask.unsqueeze(-1), self.text_cond(text_emb, u), key_padding)
 
+    def _denoise(self, x: Tensor, t: Tensor, ctx: "_Context") -> Tensor:
+        """x0 from an x_t that is already zero at padded frames."""
+        c = self.config
         tokens = self.patch_embed(patchify(x, c.frames_per_token))            # [B, T', d]
-        cond = self.time_embed(t.to(x_t.device)) + self.text_cond(text_emb, u)  # [B, d]
+        cond = self.time_embed(t.to(x.device)) + ctx.text                       # [B, d]
         seq = torch.cat([cond.unsqueeze(1).to(tokens.dtype), tokens], dim=1)
         seq = self.pos_enc(seq)
+        h = self.encoder(seq, src_key_padding_mask=ctx.key_padding)
+        out = unpatchify(self.head(h[:, 1:]), c.frames_per_token, c.nfeats, ctx.frames)
+        return out * ctx.frame_mask_as(out.dtype)
 
-        token_valid = token_mask_from_frames(frame_mask, c.frames_per_token)
-        cond_valid = torch.ones(batch, 1, dtype=torch.bool, device=x_t.device)
-        key_padding = ~torch.cat([cond_valid, token_valid], dim=1)             # True = ignore
-        h = self.encoder(seq, src_key_padding_mask=key_padding)
 
-        out = unpatchify(self.head(h[:, 1:]), c.frames_per_token, c.nfeats, frames)
-        return out * frame_mask.unsqueeze(-1).to(out.dtype)
+class _Context:
+    """What a forward needs besides x_t and t: the frame count, the frame mask [B, T, 1] (and
+    its float copies, made once per dtype), the projected text [B, d] and the key-padding mask."""
+
+    def __init__(self, frames: int, frame_mask: Tensor, text: Tensor, key_padding: Tensor):
+        self.frames, self.frame_mask, self.text, self.key_padding = frames, frame_mask, text, key_padding
+        self._as: dict = {}
+
+    def frame_mask_as(self, dtype: torch.dtype) -> Tensor:
+        if dtype not in self._as:
+            self._as[dtype] = self.frame_mask.to(dtype)
+        return self._as[dtype]

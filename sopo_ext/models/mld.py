@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (PositionalEncoding, TextCondition, TimestepEmbedder, check_mask,
+from .layers import (PositionalEncoding, SamplingPlan, TextCondition, TimestepEmbedder, check_mask,
                      check_motion, check_text_emb, check_timesteps, lengths_to_mask,
                      make_transformer_encoder, num_tokens, patchify, require_activation,
                      require_divisible, require_positive_int, require_probability,
@@ -274,21 +274,41 @@ class LatentDenoiser(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
                 uncond: Optional[Tensor] = None) -> Tensor:
+        batch = self._check_latent(x_t)
+        t = check_timesteps(t, batch)
+        check_text_emb(text_emb, batch, self.config.text_dim)
+        u = resolve_uncond(uncond, text_emb, batch, x_t.device, self.training, self.config.cond_drop_prob)
+        # `mask` is deliberately unused: every latent token is valid.
+        return self._denoise(x_t, t, self.text_cond(text_emb, u))
+
+    def sampling_plan(self, x_T: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
+                      uncond: Optional[Tensor] = None) -> SamplingPlan:
+        """``forward`` for a sampling loop: the projected text token is computed once (see
+        ``MDM.sampling_plan``). Eval mode only."""
+        if self.training:
+            raise ValueError("sampling_plan needs the model in eval mode (call .eval()): in "
+                             "training mode forward drops the text at random on every call")
+        batch = self._check_latent(x_T, "x_T")
+        check_text_emb(text_emb, batch, self.config.text_dim)
+        text = self.text_cond(text_emb, resolve_uncond(uncond, text_emb, batch, x_T.device, False, 0.0))
+
+        def denoise(x_t: Tensor, t: Tensor) -> Tensor:
+            return self._denoise(x_t, check_timesteps(t, batch), text)
+        return SamplingPlan(denoise, masks_output=False)
+
+    def _check_latent(self, x_t: Tensor, name: str = "x_t") -> int:
         c = self.config
         if (not isinstance(x_t, Tensor) or x_t.dim() != 3
                 or tuple(x_t.shape[1:]) != (c.n_latent, c.latent_dim)):
             shape = tuple(x_t.shape) if isinstance(x_t, Tensor) else type(x_t).__name__
-            raise ValueError(f"x_t must have shape [B, n_latent, latent_dim] = "
+            raise ValueError(f"{name} must have shape [B, n_latent, latent_dim] = "
                              f"[B, {c.n_latent}, {c.latent_dim}], got {shape}")
-        batch = x_t.shape[0]
-        t = check_timesteps(t, batch)
-        check_text_emb(text_emb, batch, c.text_dim)
-        u = resolve_uncond(uncond, text_emb, batch, x_t.device, self.training, c.cond_drop_prob)
-        # `mask` is deliberately unused: every latent token is valid.
+        return x_t.shape[0]
 
+    def _denoise(self, x_t: Tensor, t: Tensor, text: Tensor) -> Tensor:
         lat = self.latent_in(x_t)
         time_tok = self.time_embed(t.to(x_t.device)).unsqueeze(1).to(lat.dtype)
-        text_tok = self.text_cond(text_emb, u).unsqueeze(1).to(lat.dtype)
+        text_tok = text.unsqueeze(1).to(lat.dtype)
         h = self.transformer(self.pos_enc(torch.cat([time_tok, text_tok, lat], dim=1)))
         # contiguous: the same matmul kernel with and without grad, so a policy and its frozen
         # copy agree bit for bit (SoPo's d = L(policy) - L(ref) is exactly 0 at step 0)
@@ -395,6 +415,10 @@ class MLD(nn.Module):
     def forward(self, x_t: Tensor, t: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
                 uncond: Optional[Tensor] = None) -> Tensor:
         return self.denoiser(x_t, t, text_emb, mask=mask, uncond=uncond)
+
+    def sampling_plan(self, x_T: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
+                      uncond: Optional[Tensor] = None) -> SamplingPlan:
+        return self.denoiser.sampling_plan(x_T, text_emb, mask, uncond)
 
     def freeze_encoder(self) -> "MLD":
         """requires_grad=False on the VAE encoder (SoPo keeps it fixed)."""
