@@ -26,6 +26,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 # --------------------------------------------------------------------------------------------
@@ -299,3 +300,74 @@ class SamplingPlan:
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.fn(x_t, t)
+
+
+def encoder_plan(encoder: nn.Module, key_padding: Optional[Tensor]):
+    """``seq -> encoder(seq, src_key_padding_mask=key_padding)`` for a sampling loop.
+
+    Where ``nn.TransformerEncoder`` would take its regular (not the fused "fast") path, i.e. with
+    grad enabled or ``torch.backends.mha`` fast path off (the trainer's CPU sampling), and no
+    autocast (under bf16 autocast the module rounds in other places), the same
+    layers run batch-first: the key-padding mask becomes the additive attention mask once per
+    loop instead of once per layer and step, and the [B, L] <-> [L, B] transposes and copies of
+    ``nn.MultiheadAttention`` go away (the same functions on the same weights; the samples equal
+    the module's value for value on this project's machines, tests/test_fast_sampling.py, and
+    within float rounding anywhere). Any other encoder, or the
+    fast path, calls the module.
+    """
+    if not _plain_encoder(encoder):
+        return lambda seq: encoder(seq, src_key_padding_mask=key_padding)
+    masks: dict = {}
+
+    def additive_mask(dtype):
+        if key_padding is None:
+            return None
+        if dtype not in masks:  # what F.multi_head_attention_forward makes of it, [B, 1, 1, L]
+            m = torch.zeros(key_padding.shape, dtype=dtype, device=key_padding.device)
+            masks[dtype] = m.masked_fill(key_padding, float("-inf"))[:, None, None, :]
+        return masks[dtype]
+
+    def run(seq: Tensor) -> Tensor:
+        if (torch.backends.mha.get_fastpath_enabled() and not torch.is_grad_enabled()) \
+                or torch.is_autocast_enabled(seq.device.type):
+            return encoder(seq, src_key_padding_mask=key_padding)
+        x = seq
+        for layer in encoder.layers:
+            if layer.norm_first:
+                x = x + _self_attention(layer, layer.norm1(x), additive_mask)
+                x = x + _feed_forward(layer, layer.norm2(x))
+            else:
+                x = layer.norm1(x + _self_attention(layer, x, additive_mask))
+                x = layer.norm2(x + _feed_forward(layer, x))
+        return x if encoder.norm is None else encoder.norm(x)
+    return run
+
+
+def _plain_encoder(encoder: nn.Module) -> bool:
+    """An unmodified batch-first nn.TransformerEncoder of unmodified layers (what
+    make_transformer_encoder builds), which encoder_plan knows how to run."""
+    if type(encoder) is not nn.TransformerEncoder:
+        return False
+    for layer in encoder.layers:
+        a = getattr(layer, "self_attn", None)
+        if (type(layer) is not nn.TransformerEncoderLayer or type(a) is not nn.MultiheadAttention
+                or not a.batch_first or not a._qkv_same_embed_dim or a.in_proj_weight is None
+                or a.bias_k is not None or a.add_zero_attn):
+            return False
+    return True
+
+
+def _self_attention(layer: nn.TransformerEncoderLayer, x: Tensor, additive_mask) -> Tensor:
+    a = layer.self_attn
+    B, L, D = x.shape
+    H = a.num_heads
+    qkv = F.linear(x, a.in_proj_weight, a.in_proj_bias).view(B, L, 3, H, D // H).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]                                         # [B, H, L, D/H]
+    dropout = a.dropout if a.training else 0.0
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=additive_mask(q.dtype), dropout_p=dropout)
+    o = F.linear(o.transpose(1, 2).reshape(B, L, D), a.out_proj.weight, a.out_proj.bias)
+    return layer.dropout1(o)
+
+
+def _feed_forward(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
+    return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from .layers import (PositionalEncoding, SamplingPlan, TextCondition, TimestepEmbedder, check_mask,
-                     check_motion, check_text_emb, check_timesteps, make_transformer_encoder,
+                     check_motion, check_text_emb, check_timesteps, encoder_plan,
+                     make_transformer_encoder,
                      num_tokens, patchify, require_activation, require_divisible,
                      require_positive_int, require_probability, resolve_uncond,
                      token_mask_from_frames, unpatchify)
@@ -94,7 +95,7 @@ class MDM(nn.Module):
         batch, frames = self._check_inputs(x_t, text_emb, mask)
         t = check_timesteps(t, batch)
         u = resolve_uncond(uncond, text_emb, batch, x_t.device, self.training, self.config.cond_drop_prob)
-        ctx = self._context(text_emb, u, mask, batch, frames, x_t.device)
+        ctx = self._context(text_emb, u, mask, batch, frames, x_t.device, plan=False)
         # Zero padded frames so their content cannot leak into valid tokens of a shared patch.
         return self._denoise(x_t * ctx.frame_mask_as(x_t.dtype), t, ctx)
 
@@ -110,7 +111,7 @@ class MDM(nn.Module):
                              "training mode forward drops the text at random on every call")
         batch, frames = self._check_inputs(x_T, text_emb, mask)
         u = resolve_uncond(uncond, text_emb, batch, x_T.device, False, 0.0)
-        ctx = self._context(text_emb, u, mask, batch, frames, x_T.device)
+        ctx = self._context(text_emb, u, mask, batch, frames, x_T.device, plan=True)
 
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
             return self._denoise(x_t, check_timesteps(t, batch), ctx)
@@ -125,8 +126,9 @@ class MDM(nn.Module):
         return batch, frames
 
     def _context(self, text_emb: Optional[Tensor], u: Tensor, mask: Optional[Tensor], batch: int,
-                 frames: int, device: torch.device) -> "_Context":
-        """The inputs of a forward that do not depend on x_t or t."""
+                 frames: int, device: torch.device, plan: bool) -> "_Context":
+        """The inputs of a forward that do not depend on x_t or t (and, for a sampling plan,
+        the encoder run with its per-loop constants)."""
         if mask is None:
             frame_mask = torch.ones(batch, frames, dtype=torch.bool, device=device)
         else:
@@ -134,7 +136,12 @@ class MDM(nn.Module):
         token_valid = token_mask_from_frames(frame_mask, self.config.frames_per_token)
         cond_valid = torch.ones(batch, 1, dtype=torch.bool, device=device)
         key_padding = ~torch.cat([cond_valid, token_valid], dim=1)             # True = ignore
-        return _Context(frames, frame_mask.unsqueeze(-1), self.text_cond(text_emb, u), key_padding)
+        if plan:
+            encode = encoder_plan(self.encoder, key_padding)
+        else:
+            def encode(seq):
+                return self.encoder(seq, src_key_padding_mask=key_padding)
+        return _Context(frames, frame_mask.unsqueeze(-1), self.text_cond(text_emb, u), encode)
 
     def _denoise(self, x: Tensor, t: Tensor, ctx: "_Context") -> Tensor:
         """x0 from an x_t that is already zero at padded frames."""
@@ -143,17 +150,18 @@ class MDM(nn.Module):
         cond = self.time_embed(t.to(x.device)) + ctx.text                       # [B, d]
         seq = torch.cat([cond.unsqueeze(1).to(tokens.dtype), tokens], dim=1)
         seq = self.pos_enc(seq)
-        h = self.encoder(seq, src_key_padding_mask=ctx.key_padding)
+        h = ctx.encode(seq)
         out = unpatchify(self.head(h[:, 1:]), c.frames_per_token, c.nfeats, ctx.frames)
         return out * ctx.frame_mask_as(out.dtype)
 
 
 class _Context:
     """What a forward needs besides x_t and t: the frame count, the frame mask [B, T, 1] (and
-    its float copies, made once per dtype), the projected text [B, d] and the key-padding mask."""
+    its float copies, made once per dtype), the projected text [B, d] and the encoder call with
+    its key-padding mask."""
 
-    def __init__(self, frames: int, frame_mask: Tensor, text: Tensor, key_padding: Tensor):
-        self.frames, self.frame_mask, self.text, self.key_padding = frames, frame_mask, text, key_padding
+    def __init__(self, frames: int, frame_mask: Tensor, text: Tensor, encode):
+        self.frames, self.frame_mask, self.text, self.encode = frames, frame_mask, text, encode
         self._as: dict = {}
 
     def frame_mask_as(self, dtype: torch.dtype) -> Tensor:

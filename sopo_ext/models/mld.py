@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import (PositionalEncoding, SamplingPlan, TextCondition, TimestepEmbedder, check_mask,
-                     check_motion, check_text_emb, check_timesteps, lengths_to_mask,
+                     check_motion, check_text_emb, check_timesteps, encoder_plan,
+                     lengths_to_mask,
                      make_transformer_encoder, num_tokens, patchify, require_activation,
                      require_divisible, require_positive_int, require_probability,
                      resolve_uncond, token_mask_from_frames, unpatchify)
@@ -279,7 +280,7 @@ class LatentDenoiser(nn.Module):
         check_text_emb(text_emb, batch, self.config.text_dim)
         u = resolve_uncond(uncond, text_emb, batch, x_t.device, self.training, self.config.cond_drop_prob)
         # `mask` is deliberately unused: every latent token is valid.
-        return self._denoise(x_t, t, self.text_cond(text_emb, u))
+        return self._denoise(x_t, t, self.text_cond(text_emb, u), self.transformer)
 
     def sampling_plan(self, x_T: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
                       uncond: Optional[Tensor] = None) -> SamplingPlan:
@@ -292,8 +293,10 @@ class LatentDenoiser(nn.Module):
         check_text_emb(text_emb, batch, self.config.text_dim)
         text = self.text_cond(text_emb, resolve_uncond(uncond, text_emb, batch, x_T.device, False, 0.0))
 
+        encode = encoder_plan(self.transformer, None)
+
         def denoise(x_t: Tensor, t: Tensor) -> Tensor:
-            return self._denoise(x_t, check_timesteps(t, batch), text)
+            return self._denoise(x_t, check_timesteps(t, batch), text, encode)
         return SamplingPlan(denoise, masks_output=False)
 
     def _check_latent(self, x_t: Tensor, name: str = "x_t") -> int:
@@ -305,11 +308,11 @@ class LatentDenoiser(nn.Module):
                              f"[B, {c.n_latent}, {c.latent_dim}], got {shape}")
         return x_t.shape[0]
 
-    def _denoise(self, x_t: Tensor, t: Tensor, text: Tensor) -> Tensor:
+    def _denoise(self, x_t: Tensor, t: Tensor, text: Tensor, encode) -> Tensor:
         lat = self.latent_in(x_t)
         time_tok = self.time_embed(t.to(x_t.device)).unsqueeze(1).to(lat.dtype)
         text_tok = text.unsqueeze(1).to(lat.dtype)
-        h = self.transformer(self.pos_enc(torch.cat([time_tok, text_tok, lat], dim=1)))
+        h = encode(self.pos_enc(torch.cat([time_tok, text_tok, lat], dim=1)))
         # contiguous: the same matmul kernel with and without grad, so a policy and its frozen
         # copy agree bit for bit (SoPo's d = L(policy) - L(ref) is exactly 0 at step 0)
         return self.head(h[:, 2:].contiguous())
