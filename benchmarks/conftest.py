@@ -191,11 +191,33 @@ def _step_table(group, variants) -> list[str]:
     return lines
 
 
+def _sampling_table(group, variants, probe) -> list[str]:
+    """Sampling groups (test_bench_sampling.py): GFLOP/s per variant, its share of the fp32
+    matrix-product probe measured in the same run, and the first variant / variant."""
+    probe_gfs = (probe.extra_info["flops"] / probe.stats.median / 1e9) if probe else None
+    lines = [f"### {group}", "",
+             "| variant | median | min | GFLOP per call | GFLOP/s | share of the fp32 matmul probe | "
+             "first / variant |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    first = next(iter(variants.values()))
+    for v, b in variants.items():
+        gf = b.extra_info.get("flops", 0) / 1e9
+        gfs = gf / b.stats.median
+        share = f"{gfs / probe_gfs:.0%}" if probe_gfs and b is not probe else "-"
+        lines.append(f"| {v} | {_fmt_time(b.stats.median)} | {_fmt_time(b.stats.min)} | {gf:.2f} "
+                     f"| {gfs:.1f} | {share} | {_ratio(first.stats.median, b.stats.median)} |")
+    return lines + [""]
+
+
 def _tables(groups) -> list[str]:
     lines: list[str] = []
+    probe = next((b for vs in groups.values() for v, b in vs.items()
+                  if b.extra_info.get("kind") == "sampling" and v == "matmul"), None)
     for group, variants in groups.items():
         if any(b.extra_info.get("kind") == "step" for b in variants.values()):
             lines += _step_table(group, variants)
+            continue
+        if any(b.extra_info.get("kind") == "sampling" for b in variants.values()):
+            lines += _sampling_table(group, variants, probe)
             continue
         med = {v: b.stats.median for v, b in variants.items()}
         min_bytes = next(iter(variants.values())).extra_info.get("min_bytes")

@@ -416,7 +416,9 @@ class GaussianDiffusion:
                 if out.shape[0] != 2 * B:
                     raise ValueError(f"model returned {out.shape[0]} rows for a batch of {2 * B}")
                 out_c, out_u = out[:B], out[B:]
-                return (out_u + s * (out_c - out_u)).to(x.dtype)
+                # out_u + s (out_c - out_u), written into the plan's fresh output (the same
+                # values: IEEE + and * commute) instead of three new [B, T, F] tensors
+                return out_c.sub_(out_u).mul_(s).add_(out_u).to(x.dtype)
         denoise.masks_output = plan.masks_output
         denoise.mask = None if mask is None else mask.unsqueeze(-1).to(x_T.dtype)
         return denoise

@@ -331,16 +331,24 @@ def encoder_plan(encoder: nn.Module, key_padding: Optional[Tensor]):
         if (torch.backends.mha.get_fastpath_enabled() and not torch.is_grad_enabled()) \
                 or torch.is_autocast_enabled(seq.device.type):
             return encoder(seq, src_key_padding_mask=key_padding)
+        # Without grad, the branch outputs (fresh tensors of ours) take the residual and the
+        # activation in place: the same values (a + b == b + a exactly) without allocating
+        # and first-touching a new tensor each time, which costs more than the arithmetic here.
+        inplace = not torch.is_grad_enabled()
         x = seq
         for layer in encoder.layers:
             if layer.norm_first:
-                x = x + _self_attention(layer, layer.norm1(x), additive_mask)
-                x = x + _feed_forward(layer, layer.norm2(x))
+                x = _residual(_self_attention(layer, layer.norm1(x), additive_mask), x, inplace)
+                x = _residual(_feed_forward(layer, layer.norm2(x), inplace), x, inplace)
             else:
-                x = layer.norm1(x + _self_attention(layer, x, additive_mask))
-                x = layer.norm2(x + _feed_forward(layer, x))
+                x = layer.norm1(_residual(_self_attention(layer, x, additive_mask), x, inplace))
+                x = layer.norm2(_residual(_feed_forward(layer, x, inplace), x, inplace))
         return x if encoder.norm is None else encoder.norm(x)
     return run
+
+
+def _residual(branch: Tensor, x: Tensor, inplace: bool) -> Tensor:
+    return branch.add_(x) if inplace else x + branch
 
 
 def _plain_encoder(encoder: nn.Module) -> bool:
@@ -369,5 +377,12 @@ def _self_attention(layer: nn.TransformerEncoderLayer, x: Tensor, additive_mask)
     return layer.dropout1(o)
 
 
-def _feed_forward(layer: nn.TransformerEncoderLayer, x: Tensor) -> Tensor:
-    return layer.dropout2(layer.linear2(layer.dropout(layer.activation(layer.linear1(x)))))
+def _feed_forward(layer: nn.TransformerEncoderLayer, x: Tensor, inplace: bool) -> Tensor:
+    h = layer.linear1(x)
+    if inplace and layer.activation is F.gelu:
+        h = torch.ops.aten.gelu_(h)
+    elif inplace and layer.activation is F.relu:
+        h = torch.relu_(h)
+    else:
+        h = layer.activation(h)
+    return layer.dropout2(layer.linear2(layer.dropout(h)))

@@ -141,7 +141,7 @@ class MDM(nn.Module):
         else:
             def encode(seq):
                 return self.encoder(seq, src_key_padding_mask=key_padding)
-        return _Context(frames, frame_mask.unsqueeze(-1), self.text_cond(text_emb, u), encode)
+        return _Context(frames, frame_mask.unsqueeze(-1), self.text_cond(text_emb, u), encode, plan)
 
     def _denoise(self, x: Tensor, t: Tensor, ctx: "_Context") -> Tensor:
         """x0 from an x_t that is already zero at padded frames."""
@@ -152,6 +152,8 @@ class MDM(nn.Module):
         seq = self.pos_enc(seq)
         h = ctx.encode(seq)
         out = unpatchify(self.head(h[:, 1:]), c.frames_per_token, c.nfeats, ctx.frames)
+        if ctx.inplace and not torch.is_grad_enabled():  # the head's fresh output, as in encoder_plan
+            return out.mul_(ctx.frame_mask_as(out.dtype))
         return out * ctx.frame_mask_as(out.dtype)
 
 
@@ -160,8 +162,9 @@ class _Context:
     its float copies, made once per dtype), the projected text [B, d] and the encoder call with
     its key-padding mask."""
 
-    def __init__(self, frames: int, frame_mask: Tensor, text: Tensor, encode):
+    def __init__(self, frames: int, frame_mask: Tensor, text: Tensor, encode, inplace: bool):
         self.frames, self.frame_mask, self.text, self.encode = frames, frame_mask, text, encode
+        self.inplace = inplace
         self._as: dict = {}
 
     def frame_mask_as(self, dtype: torch.dtype) -> Tensor:
