@@ -176,18 +176,25 @@ STEP_PHASES = ("encode", "sampling", "reward", "selection", "loss", "backward", 
 
 
 def _step_table(group, variants) -> list[str]:
-    """Whole-step groups (test_bench_step.py): median per variant, per-phase means, speedups."""
+    """Whole-step groups (test_bench_step.py): median per variant, per-phase means, speedups,
+    and the step's GFLOP (FlopCounterMode, forward and backward) at the median's rate."""
     lines = [f"### {group}", "",
-             "| variant | median | " + " | ".join(STEP_PHASES) + " | official / variant |",
-             "| --- | ---: | " + " | ".join("---:" for _ in STEP_PHASES) + " | ---: |"]
+             "| variant | median | " + " | ".join(STEP_PHASES) + " | GFLOP | GFLOP/s | official / variant "
+             "| plain sampling / variant |",
+             "| --- | ---: | " + " | ".join("---:" for _ in STEP_PHASES) + " | ---: | ---: | ---: | ---: |"]
     official = variants.get("official")
+    plain = variants.get("project-plain-sampling")
     for v, b in variants.items():
         ph = b.extra_info.get("phases", {})
         cells = [_fmt_time(ph[p]) if p in ph else "-" for p in STEP_PHASES]
         ratio = _ratio(official.stats.median, b.stats.median) if official else "n/a"
-        lines.append(f"| {v} | {_fmt_time(b.stats.median)} | " + " | ".join(cells) + f" | {ratio} |")
+        vs_plain = _ratio(plain.stats.median, b.stats.median) if plain else "n/a"
+        gf = b.extra_info.get("flops", 0) / 1e9
+        lines.append(f"| {v} | {_fmt_time(b.stats.median)} | " + " | ".join(cells)
+                     + f" | {gf:.1f} | {gf / b.stats.median:.1f} | {ratio} | {vs_plain} |")
     lines += ["", "Phases are means per step from sopo_ext.profiling ranges (the project's "
-              "\"loss\" includes the policy and reference forwards).", ""]
+              "\"loss\" includes the policy and reference forwards). GFLOP: one step under "
+              "FlopCounterMode (fused MHA fast-path calls, as the reward model's, are not counted).", ""]
     return lines
 
 

@@ -1,14 +1,21 @@
 """Where the online sampling loop's time goes (issue 17, step 1): a profile, not a benchmark.
 
     python benchmarks/profile_sampling.py --backbone mdm     # or mld; --rows 64 --frames 196 --steps 8
+    python benchmarks/profile_sampling.py --backbone mdm --plain   # the loop before issue 17
 
-Runs the trainer's sampling loop (``sopo_ext.sampling.generate``: DDIM, the bundled backbone,
-B*K rows at the trainer's defaults) under ``torch.profiler`` and prints: the loop's wall time,
+Runs the trainer's sampling loop (``GaussianDiffusion.sample``: DDIM, the bundled backbone,
+B*K rows at the trainer's defaults, nn.TransformerEncoder's fused inference path off as the
+trainer's CPU sampling has it; ``--mha-fastpath`` turns it on) under ``torch.profiler`` and
+prints: the loop's wall time,
 one model forward's FLOPs (``FlopCounterMode``) and GFLOP/s, a plain fp32 matrix product's
 GFLOP/s measured in the same run (the machine's ceiling on the dominant op), and the profile's
 self CPU time grouped by kind (matrix products, attention, normalization, activations,
 elementwise, copies / layout, other), with the top ops and the matrix products' shapes.
 Nothing is asserted; the output goes into docs/performance.md with this command.
+
+FLOPs are counted with the fused path off whatever ``--mha-fastpath`` says: FlopCounterMode has
+no formula for the fused encoder layer, so with it on a forward looks 4x smaller than it is
+(the mistake in issue 17's first figures: 1.70 instead of 6.73 GFLOP for the MDM forward).
 """
 from __future__ import annotations
 
@@ -21,7 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
 from sopo_ext.checkpoint import load_checkpoint
-from sopo_ext.sampling import diffusion_from_meta, generate
+from sopo_ext.methods import _no_transformer_fastpath
+from sopo_ext.sampling import diffusion_from_meta
 
 KINDS = [
     ("matrix products", ("addmm", "mm", "bmm", "baddbmm", "matmul", "linear", "_addmm_activation")),
@@ -65,7 +73,11 @@ def main(argv=None) -> None:
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--plain", action="store_true", help="the plain loop (fast=False), as before issue 17")
+    ap.add_argument("--mha-fastpath", action="store_true",
+                    help="leave nn.TransformerEncoder's fused inference path on (PyTorch's default)")
     args = ap.parse_args(argv)
+    torch.backends.mha.set_fastpath_enabled(args.mha_fastpath)
     if args.threads:
         torch.set_num_threads(args.threads)
     c = load_checkpoint(args.backbone, args.backbone)
@@ -77,24 +89,35 @@ def main(argv=None) -> None:
     lengths = torch.randint(args.frames // 2, args.frames + 1, (args.rows,), generator=g)
     mask = torch.arange(args.frames)[None, :] < lengths[:, None]
 
-    def loop():
-        return generate(model, diffusion, text, mask, steps=args.steps, sampler="ddim",
-                        guidance_scale=args.guidance, generator=torch.Generator().manual_seed(1))
+    shape = (args.rows, args.frames, model.config.nfeats) if args.backbone == "mdm" else \
+        (args.rows,) + tuple(model.latent_shape)
+
+    def loop():  # the denoising loop itself (an MLD's decode is not part of it)
+        return diffusion.sample(model, shape, text, mask if args.backbone == "mdm" else None,
+                                steps=args.steps, sampler="ddim", guidance_scale=args.guidance,
+                                fast=not args.plain, generator=torch.Generator().manual_seed(1))
 
     loop()  # warm-up (schedule tables, allocator)
     t0 = time.perf_counter()
     loop()
     wall = time.perf_counter() - t0
 
-    # one denoiser forward at the loop's shapes: FLOPs and time
+    # one denoiser call at the loop's shapes (the plan's call for the fast loop): FLOPs and time
     if args.backbone == "mdm":
-        x = torch.randn(args.rows, args.frames, model.config.nfeats, generator=g)
-        fwd = lambda: model(x, torch.full((args.rows,), 10), text, mask, None)  # noqa: E731
+        x = torch.randn(args.rows, args.frames, model.config.nfeats, generator=g) * mask[..., None]
+        m = mask
     else:
         x = torch.randn(args.rows, *model.latent_shape, generator=g)
-        fwd = lambda: model(x, torch.full((args.rows,), 10), text, None, None)  # noqa: E731
+        m = None
+    t10 = torch.full((args.rows,), 10)
+    if args.plain:
+        fwd = lambda: model(x, t10, text, m, None)  # noqa: E731
+    else:
+        with torch.no_grad():
+            plan = model.sampling_plan(x, text, m)
+        fwd = lambda: plan(x, t10)  # noqa: E731
     with torch.no_grad():
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, _no_transformer_fastpath():
             fwd()
         flops = fc.get_total_flops()
         fwd()
@@ -112,7 +135,8 @@ def main(argv=None) -> None:
     for e in events:
         by_kind[kind_of(e.key)] += e.self_cpu_time_total
     print(f"# sampling loop profile: {args.backbone}, {args.rows} rows x {args.frames} frames, "
-          f"{args.steps} DDIM steps, CFG {args.guidance}, torch {torch.__version__}, "
+          f"{args.steps} DDIM steps, CFG {args.guidance}, {'plain' if args.plain else 'fast'} loop, "
+          f"MHA fast path {'on' if args.mha_fastpath else 'off'}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print(f"loop wall time: {wall * 1e3:.0f} ms ({wall / args.steps * 1e3:.1f} ms per step)")
     print(f"one forward: {flops / 1e9:.2f} GFLOP in {t_fwd * 1e3:.1f} ms = {flops / t_fwd / 1e9:.1f} GFLOP/s; "

@@ -13,6 +13,10 @@ motions, the same K and number of sampling steps, AdamW, each call = loss + back
     project-1loop    the project's step with all B*K samples in one loop padded to the batch's
                      longest motion (length_buckets=1), to show what length bucketing buys
     project-bf16     the project's step under CPU bf16 autocast
+    project-plain-sampling
+                     the project's step with the sampling loop before issue 17
+                     (StepConfig.fast_sampling=False: one model call per step, out-of-place
+                     updates); the same samples, so "today's main" of issue 17's target
 
 Configurations: the official preset (K=2, 50 ancestral steps, the release's settings) and the
 trainer's default (K=4, 8 steps; the project samples with DDIM, the official loop ancestrally:
@@ -37,8 +41,11 @@ from sopo_ext.methods import PreferenceStep, StepConfig
 from sopo_ext.optim import make_adamw
 from sopo_ext.profiling import phase, phase_times, reset_phase_times
 from sopo_ext.sampling import diffusion_from_meta
+from sopo_ext.trainer import cpu_has_native_bf16
+from torch.utils.flop_counter import FlopCounterMode
 
-STEP_VARIANTS = ("official", "official-cached", "project-1loop", "project", "project-bf16")
+STEP_VARIANTS = ("official", "official-cached", "project-1loop", "project-plain-sampling", "project",
+                 "project-bf16")
 CONFIGS = {  # name: (K, sampling steps, project sampler)
     "official preset K=2, 50 steps": (2, 50, "ddpm"),
     "trainer default K=4, 8 steps": (4, 8, "ddim"),
@@ -87,6 +94,7 @@ def _step_fn(variant, assets, K, steps, sampler, batch):
     else:
         cfg = StepConfig(method="sopo", k=K, sampling_steps=steps, sampler=sampler,
                          bf16=variant == "project-bf16",
+                         fast_sampling=variant != "project-plain-sampling",
                          length_buckets=1 if variant == "project-1loop" else StepConfig.length_buckets)
         step = PreferenceStep(policy, reference, diffusion, assets["reward"], cfg)
         cached = assets["CachedTextEncoder"](assets["raw_text"], persist=False)
@@ -115,6 +123,9 @@ def _step_fn(variant, assets, K, steps, sampler, batch):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_step(benchmark, assets, variant, config, sizes):
     K, steps, sampler = CONFIGS[config]
+    if variant == "project-bf16" and not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16 matrix products (no AVX512-BF16 / AMX): bf16 "
+                    "autocast would emulate them, tens of times slower than fp32")
     B, frames = (16, 196) if not sizes.quick else (2, 40)
     if sizes.quick:
         steps = min(steps, 2)
@@ -126,6 +137,9 @@ def test_step(benchmark, assets, variant, config, sizes):
     benchmark.extra_info.update(variant=variant, kind="step", K=K, steps=steps, B=B)
     loss = fn()  # untimed warm-up (allocator, oneDNN primitives)
     assert torch.isfinite(loss)
+    with FlopCounterMode(display=False) as fc:  # one more step, counted (not timed)
+        fn()
+    benchmark.extra_info["flops"] = fc.get_total_flops()
     rounds = 1 if benchmark.disabled or sizes.quick else ROUNDS
     reset_phase_times()
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)

@@ -17,7 +17,8 @@ with its own time limit; a failed step is reported and the next one still runs:
   tests      the CUDA tests (tests/test_cuda_ops.py, the CUDA-parametrized op suites, resources)
   bench      the CUDA benchmarks in quick mode (every benchmark body once)
   train      20 SoPo steps on MDM and on MLD on cuda, on tiny generated models and data
-  graphs     CUDA-graph capture and replay of the loss (forward + backward) and of a model step
+  graphs     CUDA-graph capture and replay of the loss (forward + backward), of a model step
+             and of the whole fast sampling loop (MDM, MLD; with and without CFG)
   sanitizer  compute-sanitizer memcheck, racecheck and initcheck on a small workload of every op
 
 It writes ``<out>/gpu_report.md`` (a table of steps, then each step's command and output tail)
@@ -358,6 +359,65 @@ def _workload_graphs() -> None:
     gerr = max((p.grad - e).abs().max().item() for p, e in zip(params, eager_grads))
     print(f"gpu_check model graph: replay vs eager loss diff {(captured - eager_loss).abs().item():.3g}, "
           f"max grad diff {gerr:.3g}")
+    _sampling_graphs(side)
+
+
+def _sampling_graphs(side) -> None:
+    """The fast sampling loop (issue 17) of the bundled MDM and MLD, 8 DDIM steps, without and
+    with CFG, captured whole as one CUDA graph: replay on a new x_T vs the eager fast loop and
+    the plain loop, and replay vs eager wall time."""
+    import time
+
+    import torch
+    from sopo_ext.checkpoint import load_checkpoint
+    from sopo_ext.sampling import diffusion_from_meta
+    dev = "cuda"
+    g = torch.Generator(device="cpu").manual_seed(4)
+    for kind in ("mdm", "mld"):
+        c = load_checkpoint(kind, kind)
+        model = c.model.to(dev).eval()
+        diffusion = diffusion_from_meta(c.meta)
+        rows, T = 64, 196
+        text_dim = model.config.text_dim if kind == "mdm" else model.denoiser.config.text_dim
+        text = torch.randn(rows, text_dim, generator=g).to(dev)
+        lengths = torch.randint(40, T + 1, (rows,), generator=g)
+        mask = (torch.arange(T)[None] < lengths[:, None]).to(dev) if kind == "mdm" else None
+        shape = (rows, T, 263) if kind == "mdm" else (rows,) + tuple(model.latent_shape)
+        for scale in (1.0, 2.5):
+            x_T = torch.randn(shape, generator=g).to(dev)
+
+            def loop(fast=True):
+                return diffusion.sample(model, x_T, text, mask, steps=8, sampler="ddim",
+                                        guidance_scale=scale, fast=fast)
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    loop()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = loop()
+            x_T.copy_(torch.randn(shape, generator=g).to(dev))
+            graph.replay()
+            eager, plain = loop(), loop(fast=False)
+            torch.cuda.synchronize()
+            scale_ref = plain.abs().max().item()
+            e_graph = (captured - eager).abs().max().item() / scale_ref
+            e_plain = (eager - plain).abs().max().item() / scale_ref
+            times = {}
+            for name, fn in (("eager", loop), ("graph", graph.replay)):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(10):
+                    fn()
+                torch.cuda.synchronize()
+                times[name] = (time.perf_counter() - t0) / 10
+            print(f"gpu_check sampling graph: {kind}, CFG {scale}, {rows} x {T}, 8 DDIM steps: "
+                  f"replay vs eager fast loop {e_graph:.3g}, fast vs plain loop {e_plain:.3g} "
+                  f"(relative to the largest value); eager {times['eager'] * 1e3:.2f} ms, "
+                  f"graph replay {times['graph'] * 1e3:.2f} ms "
+                  f"({times['eager'] / times['graph']:.2f}x)")
+            if not (e_graph <= 1e-4 and e_plain <= 1e-4):
+                raise SystemExit("gpu_check: the captured or fast sampling loop differs from the plain loop")
 
 
 WORKLOADS = {"env": _workload_env, "loaded": _workload_loaded, "small": _workload_small,

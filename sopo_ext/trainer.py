@@ -122,6 +122,16 @@ def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float)
 
 
 # ------------------------------------------------------------------------------------ trainer
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (oneDNN's own check: AVX512-BF16 or
+    AMX). Without it bf16 autocast emulates the products: 1.3 against 98 GFLOP/s for fp32 on
+    an AVX2 machine of this project (docs/performance.md)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a torch without oneDNN: assume it can
+        return True
+
+
 class SoPoTrainer:
     """Runs SoPo (or another preference method of ``sopo_ext.methods``) as ``config`` says.
 
@@ -293,6 +303,10 @@ class SoPoTrainer:
                               sampling_steps=cfg.sampling_steps, sampler=cfg.sampler,
                               guidance_scale=cfg.guidance_scale, noise=cfg.noise,
                               cond_drop=cfg.cond_drop, bf16=cfg.bf16)
+        if cfg.bf16 and self.device.type == "cpu" and not cpu_has_native_bf16() and D.main:
+            print("[train] warning: --bf16 on a CPU without native bf16 matrix products (no "
+                  "AVX512-BF16 / AMX): they are emulated and run tens of times slower than fp32 "
+                  "here (docs/performance.md); drop --bf16 on this machine", file=sys.stderr)
         return PreferenceStep(policy, self.reference, self.diffusion, self.reward, step_cfg)
 
     def open_logs(self) -> None:
