@@ -77,7 +77,15 @@ def main(argv=None) -> None:
     ap.add_argument("--mha-fastpath", action="store_true",
                     help="leave nn.TransformerEncoder's fused inference path on (PyTorch's default)")
     args = ap.parse_args(argv)
+    was = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(args.mha_fastpath)
+    try:
+        _profile(args)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)
+
+
+def _profile(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     c = load_checkpoint(args.backbone, args.backbone)

@@ -116,3 +116,16 @@ def test_sampling_loop(benchmark, sizes, backbones, kind, variant):
     flops = _flops(fn)
     _bench(benchmark, sizes, f"{kind.upper()} sampling loop, {rows} rows x {frames} frames, "
                              f"{steps} DDIM steps", variant, fn, flops, rounds=3)
+
+
+def test_profile_and_ab_scripts_run(capsys):
+    """The two measuring scripts of docs/performance.md run (tiny sizes; not a benchmark, so
+    --benchmark-only skips it and CI's quick run checks it)."""
+    import ab_sampling
+    import profile_sampling
+    profile_sampling.main(["--backbone", "mdm", "--rows", "4", "--frames", "12", "--steps", "2", "--top", "3"])
+    profile_sampling.main(["--backbone", "mld", "--rows", "4", "--frames", "12", "--steps", "2", "--plain"])
+    ab_sampling.main(["--rows", "4", "--frames", "12", "--steps", "2", "--rounds", "2"])
+    out = capsys.readouterr().out
+    assert out.count("# sampling loop profile") == 2 and "plain loop" in out and "fast loop" in out
+    assert out.count("| mdm |") == 1 and out.count("| mld |") == 1

@@ -597,4 +597,4 @@ class GaussianDiffusion:
                 # otherwise x is already zero at padded frames: the output is (the plan masks
                 # it) and so was x_t, and a x_t + b out keeps a zero a zero
                 x = x.mul_(denoise.mask)
-        return x
+        return x.contiguous()  # an MDM plan's output can be a view cropped from whole patches

@@ -289,8 +289,9 @@ class SamplingPlan:
     """What a backbone's ``sampling_plan(x_T, text_emb, mask, uncond)`` returns: a callable
     ``plan(x_t, t) -> output`` equal to ``model(x_t, t, text_emb, mask, uncond)`` for every x_t
     of x_T's shape that is zero at padded frames, with the work that does not change between
-    sampling steps done once. ``masks_output`` says the output is zero at padded frames (so a
-    sampler need not mask it again). The sampler (``GaussianDiffusion.sample``) uses a plan when
+    sampling steps done once. Each call returns a new tensor that the caller owns (the sampler
+    updates it in place: never a view of x_t or a buffer the plan reuses). ``masks_output``
+    says the output is zero at padded frames (so a sampler need not mask it again). The sampler (``GaussianDiffusion.sample``) uses a plan when
     the model has one and is in eval mode; any other model gets plain forward calls."""
 
     __slots__ = ("fn", "masks_output")
