@@ -79,7 +79,9 @@ class SoPoConfig:
         "for MDM, eps for MLD)", choices=sorted(PRESETS))
     data: str = _f("builtin", "'builtin' (default) or a HumanML3D directory")
     base: Optional[str] = _f(None, "backbone checkpoint (default: the bundled one)")
-    reward: Optional[str] = _f(None, "reward checkpoint (default: the bundled one)")
+    reward: Optional[str] = _f(None, "reward checkpoint (default: the bundled one); 'oracle' (or "
+                               "'oracle:<reward checkpoint>' for its embeddings): the built-in data's "
+                               "geometric judge as the reward, a diagnostic upper bound")
     evaluator: Optional[str] = _f(None, "evaluator checkpoint (default: bundled; 'none' skips evaluation)")
     text_encoder: str = _f("minilm", "only used when the checkpoints do not name one")
     out: Optional[str] = _f(None, "output directory (default runs/train-<method>-<backbone>)")

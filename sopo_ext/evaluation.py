@@ -173,6 +173,23 @@ def generate_split(backbone, diffusion, batches: Sequence[dict], *, steps: int =
     return out
 
 
+@torch.no_grad()
+def reward_of_split(reward, batches: Sequence[dict],
+                    motions: Optional[Sequence[torch.Tensor]] = None) -> np.ndarray:
+    """The reward of every caption's motion (``motions`` or the real ones), float64 [N]: the
+    cosine score of an embedding reward, or a score reward's own (``sopo_ext.rewards``)."""
+    from .rewards import is_score_reward
+    if not is_score_reward(reward):
+        t_r, g_r = embed_split(reward, batches, motions)
+        return reward.score(t_r, g_r).numpy().astype(np.float64)
+    reward.eval()
+    out = []
+    for i, b in enumerate(batches):
+        x = motions[i] if motions is not None else b["motion"]
+        out.append(reward.score_motions(b["text_emb"], x, b["mask"], b["ids"], 1).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64)
+
+
 def generation_metrics(generated: Sequence[torch.Tensor], batches: Sequence[dict], evaluator,
                        reward=None, tau: float = 0.45, seed: int = 0) -> Dict[str, float]:
     """The standard metrics of generated motions against the split's real ones."""
@@ -195,12 +212,12 @@ def generation_metrics(generated: Sequence[torch.Tensor], batches: Sequence[dict
         out["Diversity"] = float(metrics.diversity(gen_e, n_pairs=n_pairs, seed=seed))
         out["real Diversity"] = float(metrics.diversity(real_e, n_pairs=n_pairs, seed=seed))
     if reward is not None:
-        t_r, g_r = embed_split(reward, batches, generated)
-        s = reward.score(t_r, g_r).numpy().astype(np.float64)
-        out["reward"] = float(s.mean())
-        out[f"frac reward >= {tau}"] = float((s >= tau).mean())
-        t_r, r_r = embed_split(reward, batches)
-        out["real reward"] = float(reward.score(t_r, r_r).numpy().mean())
+        s = reward_of_split(reward, batches, generated)
+        s = s[np.isfinite(s)]  # a score reward has no score for some captions (the oracle's NaN)
+        out["reward"] = float(s.mean()) if s.size else float("nan")
+        out[f"frac reward >= {tau}"] = float((s >= tau).mean()) if s.size else float("nan")
+        r = reward_of_split(reward, batches)
+        out["real reward"] = float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
     return out
 
 

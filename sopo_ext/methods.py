@@ -9,7 +9,8 @@ Algorithm 1 of the paper, as :meth:`PreferenceStep.__call__` runs it:
    frame space with the padding mask, captions grouped into a few loops by length so the
    padding of the whole batch is not computed; MLD: in latent space, one loop, then decoded);
 3. the reward model embeds the captions, the B*K samples and the B dataset motions;
-4. ``reward_scores``: worst sample, its reward, ``valuable = worst < tau``;
+4. ``reward_scores``: worst sample, its reward, ``valuable = worst < tau`` (a score reward,
+   ``sopo_ext.rewards``, scores the samples itself and embeds them for step 5);
 5. ``min_cosine_similarity``: ``S = min_k (cos+1)/2`` (dataset motion vs samples, reward
    embeddings) and ``beta_w = beta (C - S)``;
 6. both motions noised at one t, policy and frozen reference predict, ``sopo_loss``.
@@ -77,6 +78,7 @@ from . import functional as SF
 from .diffusion import GaussianDiffusion, repeat_interleave_batch
 from .profiling import phase
 from .reference import masked_mse
+from .rewards import is_score_reward
 
 __all__ = ["METHODS", "RENAMED_METHODS", "SCALE_REGIMES", "MethodSpec", "StepConfig", "PreferenceStep",
            "z_statistics"]
@@ -281,6 +283,28 @@ class PreferenceStep:
             return (self.reward.encode_text(text_emb).float(),
                     self.reward.encode_motion(motions, mask).float())
 
+    @torch.no_grad()
+    def score(self, text_emb: Tensor, motions: Tensor, mask: Tensor, k: int,
+              ids=None) -> Tuple[Tensor, Tensor]:
+        """Rewards [B, K] of the B*K samples and their motion embeddings [B, K, E], from an
+        embedding reward (the fused ``reward_scores``) or a score reward (``score_motions``;
+        ``sopo_ext.rewards`` says what each provides)."""
+        B = text_emb.shape[0]
+        if is_score_reward(self.reward):
+            if ids is None:
+                raise ValueError(f"the {getattr(self.reward, 'kind', 'score')} reward scores samples "
+                                 f"by their dataset ids: the batch needs 'ids'")
+            with self._autocast():
+                scores = self.reward.score_motions(text_emb, motions, mask, ids, k).float()
+                g_lat = self.reward.encode_motion(motions, mask).float()
+            if scores.shape != (B * k,):
+                raise ValueError(f"score_motions returned shape {tuple(scores.shape)}, expected "
+                                 f"[B*K] = [{B * k}]")
+            return scores.view(B, k), g_lat.view(B, k, -1)
+        t_lat, g_lat = self.embed(text_emb, motions, mask)
+        g_lat = g_lat.view(B, k, -1)
+        return SF.reward_scores(t_lat, g_lat, tau=self.cfg.tau).scores, g_lat
+
     # ------------------------------------------------------------------ pairs
     def _offline_pairs(self, batch: dict, generator_for_index) -> Tuple[Tensor, Tensor, Tensor]:
         """Best and worst of K reference samples per dataset index (generated once, cached at
@@ -297,15 +321,15 @@ class PreferenceStep:
             n = int(lengths[i])
             te, m = batch["text_emb"][i:i + 1], batch["mask"][i:i + 1, :n]
             x, motions, mk = self.sample(self.reference, te, m, self.cfg.k, generator_for_index(idx))
-            t_lat, g_lat = self.embed(te, motions, mk)
-            r = SF.reward_scores(t_lat, g_lat.view(1, self.cfg.k, -1), tau=self.cfg.tau)
-            sel = _finite_selection(r, g_lat.view(1, self.cfg.k, -1), self.cfg.tau)
+            ids = [batch["ids"][i]] if "ids" in batch else None
+            scores, g_lat = self.score(te, motions, mk, self.cfg.k, ids)
+            sel = _finite_selection(scores, g_lat, self.cfg.tau)
             if not bool(sel.usable[0]):  # generated once per sample: this read-back is not per step
                 raise FloatingPointError(f"every one of the K={self.cfg.k} reference samples of dataset "
                                          f"index {idx} has a non-finite reward: no offline pair")
             best, worst = int(sel.best_index[0]), int(sel.worst_index[0])
             self.offline_cache[idx] = (x[best].clone(), x[worst].clone(),
-                                       torch.stack([r.scores[0, best], r.scores[0, worst]]))
+                                       torch.stack([scores[0, best], scores[0, worst]]))
         items = [self.offline_cache[int(idx)] for idx in batch["indices"]]
         if self.kind == "mdm":
             shape = batch["motion"].shape
@@ -345,11 +369,9 @@ class PreferenceStep:
                 x_gen, motions, mask_k = self.sample(self.policy, text, mask, cfg.k, generator,
                                                      batch.get("lengths"))
             with phase("reward"):
-                t_lat, g_lat = self.embed(text, motions, mask_k)
-                g_lat = g_lat.view(B, cfg.k, -1)
-                r = SF.reward_scores(t_lat, g_lat, tau=cfg.tau)
+                scores, g_lat = self.score(text, motions, mask_k, cfg.k, batch.get("ids"))
             with phase("selection"):
-                sel = _finite_selection(r, g_lat, cfg.tau)
+                sel = _finite_selection(scores, g_lat, cfg.tau)
                 x_gen = x_gen.view(B, cfg.k, *x_gen.shape[1:])
                 rows = torch.arange(B, device=text.device)
                 # a caption without a finite reward has no pair: its terms get weight 0 below,
@@ -521,14 +543,14 @@ class _Selection:
     embeddings: Tensor  # [B, K, D] with non-finite samples replaced by the worst finite one
 
 
-def _finite_selection(r, g_lat: Tensor, tau: float) -> _Selection:
-    finite = torch.isfinite(r.scores)
+def _finite_selection(scores: Tensor, g_lat: Tensor, tau: float) -> _Selection:
+    finite = torch.isfinite(scores)
     usable = finite.any(1)
-    inf = torch.full_like(r.scores, float("inf"))
-    worst_score, worst = torch.where(finite, r.scores, inf).min(1)
-    best = torch.where(finite, r.scores, -inf).argmax(1)
-    rows = torch.arange(r.scores.shape[0], device=r.scores.device)
+    inf = torch.full_like(scores, float("inf"))
+    worst_score, worst = torch.where(finite, scores, inf).min(1)
+    best = torch.where(finite, scores, -inf).argmax(1)
+    rows = torch.arange(scores.shape[0], device=scores.device)
     # a left-out sample must not set S = min cos either: stand the worst finite one in for it
     emb = torch.where(finite[..., None], g_lat, g_lat[rows, worst][:, None, :])
     valuable = usable & (worst_score.double() < tau)  # in double, as the fused kernels compare
-    return _Selection(r.scores, finite, usable, worst, best, worst_score, valuable, emb)
+    return _Selection(scores, finite, usable, worst, best, worst_score, valuable, emb)

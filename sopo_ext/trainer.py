@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from ._cli import resolve_device
-from .config import STEP_VERSION, SoPoConfig
+from .config import STEP_VERSION, ConfigError, SoPoConfig
 from .data import judge
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
@@ -40,6 +40,7 @@ from .data.humanml3d import HumanML3D
 from .methods import PreferenceStep, StepConfig
 from .optim import make_adamw, rng_state, set_rng_state, warmup_cosine
 from .profiling import phase, phase_times, reset_phase_times
+from .rewards import ORACLE, OracleReward
 from .runs import CsvLog, resume_state
 from .sampling import diffusion_from_meta
 
@@ -225,7 +226,15 @@ class SoPoTrainer:
         ``self.diffusion``."""
         cfg, device = self.config, self.device
         self.base = self._checkpoint(self._given["base"], cfg.base, cfg.backbone, cfg.backbone)
-        reward_c = self._checkpoint(self._given["reward"], cfg.reward, "reward", "tmr")
+        # "oracle" or "oracle:<reward checkpoint>": the judge scores, that reward embeds
+        oracle = self._given["reward"] is None and cfg.reward is not None and \
+            (cfg.reward == ORACLE or cfg.reward.startswith(ORACLE + ":"))
+        if oracle and self.judged is None:
+            raise ConfigError("reward", "'oracle' is the built-in dataset's geometric judge (a "
+                              "diagnostic upper bound); it needs the ground truth of the built-in "
+                              "data (specs.json), which --data has not got")
+        reward_spec = (cfg.reward[len(ORACLE) + 1:] or None) if oracle else cfg.reward
+        reward_c = self._checkpoint(self._given["reward"], reward_spec, "reward", "tmr")
         skip = (self._given["evaluator"] or cfg.evaluator) == "none"
         evaluator_c = None if skip else self._checkpoint(self._given["evaluator"], cfg.evaluator,
                                                         "evaluator", "evaluator")
@@ -243,6 +252,11 @@ class SoPoTrainer:
         if self.base.kind == "mld":  # SoPo tunes the latent denoiser; the VAE stays as pretrained
             self.policy.vae.requires_grad_(False)
         self.reward = reward_c.model.to(device).eval().requires_grad_(False)
+        if oracle:  # embeddings (reweighting, evaluation) from the bundled reward, scores from the judge
+            self.reward = OracleReward(self.judged[0], self.mean, self.std, self.reward).to(device)
+            if self.dist.main:
+                print("[train] reward: oracle = the built-in data's geometric judge, a DIAGNOSTIC upper "
+                      "bound (what SoPo could fix with a perfect reward), not a reward model")
         self.evaluator = evaluator_c.model.to(device).eval() if evaluator_c else None
 
     def make_batches(self) -> None:
