@@ -25,11 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
@@ -182,6 +184,10 @@ class _RetrievalTask(Task):
         return out
 
 
+#: words of a caption that its mirrored motion gets wrong
+_SIDE_WORDS = {"left", "right", "clockwise", "counterclockwise", "anticlockwise"}
+
+
 class RewardTask(_RetrievalTask):
     kind = "tmr"
 
@@ -191,8 +197,40 @@ class RewardTask(_RetrievalTask):
         return d
 
     def training_loss(self, model, b):
-        out = model.training_loss(b["motion"], b["mask"], b["text_emb"])
+        near_miss = self.near_misses(b) if model.config.near_miss_weight > 0 else None
+        out = model.training_loss(b["motion"], b["mask"], b["text_emb"], near_miss=near_miss)
         return out["loss"], _scalars(out)
+
+    def near_misses(self, b) -> dict:
+        """The detail-aware reward's hard negatives of a training batch (TMR.near_miss_loss):
+        each caption with one detail word swapped (``counterfactual_captions``: left/right,
+        forward/backward, clockwise, counts, speed), and, for captions that say left, right or
+        clockwise, the motion mirrored (HumanML3D's own mirror augmentation, here a negative
+        for the unmirrored caption). Training split only: no judge, no test data."""
+        from .data import skeleton as sk
+        from .evaluation import counterfactual_captions
+        texts, owner, mirrored = [], [], []
+        for i, cap in enumerate(b["captions"]):
+            swaps = counterfactual_captions(cap)
+            texts += swaps
+            owner += [i] * len(swaps)
+            if _SIDE_WORDS & set(re.findall(r"[a-z]+", cap.lower())):
+                mirrored.append(i)
+        dev = b["motion"].device
+        out = {"text_emb": None, "text_owner": None, "mirror_motion": None, "mirror_mask": None,
+               "mirror_owner": None}
+        if texts:
+            out["text_emb"] = self.data.text_encoder.encode(texts).to(dev, torch.float32)
+            out["text_owner"] = torch.as_tensor(owner, dtype=torch.long, device=dev)
+        if mirrored:
+            rows = torch.as_tensor(mirrored, dtype=torch.long, device=dev)
+            mean = torch.as_tensor(np.asarray(self.data.mean), dtype=torch.float64, device=dev)
+            std = torch.as_tensor(np.asarray(self.data.std), dtype=torch.float64, device=dev)
+            mask = b["mask"][rows]
+            raw = b["motion"][rows].double() * std + mean
+            mir = ((sk.mirror_features(raw) - mean) / std).float() * mask[..., None]
+            out.update(mirror_motion=mir, mirror_mask=mask, mirror_owner=rows)
+        return out
 
     def meta(self):
         return {"text_encoder": self.data.text_encoder.name}

@@ -134,3 +134,80 @@ def test_oracle_training_runs_on_builtin_data_only(tiny_assets, tmp_path, capsys
     with pytest.raises(ConfigError, match="oracle"):
         SoPoTrainer(SoPoConfig(**dict(kw, out=str(tmp_path / "x"))), train_dataset=given,
                     test_dataset=HumanML3D(tiny_assets["data"], "test")).train()
+
+
+# ---- the detail-aware reward's objective ---------------------------------------------------
+def _tiny_tmr(weight=1.0):
+    from sopo_ext.models.tmr import TMR, TMRConfig
+    torch.manual_seed(0)
+    return TMR(TMRConfig(text_dim=8, latent_dim=8, d_model=16, num_layers=1, num_heads=2,
+                         ff_size=32, text_hidden=16, near_miss_weight=weight)).eval()
+
+
+def test_near_miss_loss_is_log2_when_the_negative_ties_and_falls_as_the_margin_grows():
+    m = _tiny_tmr()
+    motion, mask = torch.randn(3, 12, 263), torch.ones(3, 12, dtype=torch.bool)
+    text = torch.randn(3, 8)
+    tmu, mmu = m.encode_text(text), m.encode_motion(motion, mask)
+    owner = torch.tensor([0, 2])
+    tie = m.near_miss_loss(tmu, mmu, text_emb=text[owner], text_owner=owner,
+                           mirror_motion=motion[owner], mirror_mask=mask[owner], mirror_owner=owner)
+    assert tie.item() == pytest.approx(np.log(2.0), abs=1e-6)  # negatives identical to positives
+    assert m.near_miss_loss(tmu, mmu).item() == 0.0  # no negatives, no term
+    # minimizing it ranks the true caption above its near miss: the margin grows
+    near = text[owner] + 0.3 * torch.randn(2, 8)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+
+    def margin_and_loss():
+        tmu, mmu = m.encode_text(text), m.encode_motion(motion, mask)
+        pos = torch.cosine_similarity(tmu[owner], mmu[owner], dim=-1)
+        neg = torch.cosine_similarity(m.encode_text(near), mmu[owner], dim=-1)
+        return (pos - neg).mean().item(), m.near_miss_loss(tmu, mmu, text_emb=near, text_owner=owner)
+    m0, l0 = margin_and_loss()
+    for _ in range(30):
+        opt.zero_grad()
+        margin_and_loss()[1].backward()
+        opt.step()
+    m1, l1 = margin_and_loss()
+    assert m1 > m0 + 0.1 and l1.item() < l0.item()
+    m.train()
+    out = m.training_loss(motion, mask, text, near_miss={"text_emb": near, "text_owner": owner})
+    assert "near_miss" in out and out["near_miss"].item() > 0
+    assert "near_miss" not in _tiny_tmr(0.0).train().training_loss(
+        motion, mask, text, near_miss={"text_emb": near, "text_owner": owner})
+
+
+def test_pretrain_reward_with_near_misses(tiny_assets, tmp_path):
+    from sopo_ext import pretrain
+    from tiny_configs import TINY
+    out = tmp_path / "detail"
+    assert pretrain.main(["reward", "--data", str(tiny_assets["data"]), "--out", str(out), "--steps", "2",
+                          "--batch-size", "8", "--text-encoder", "hash", "--no-progress", "--threads", "1",
+                          "--warmup", "1", "--set", *TINY["reward"], "near_miss_weight=1.0"]) == 0
+    log = (out / "log.csv").read_text().splitlines()
+    assert "near_miss" in log[0]
+    c = C.load_checkpoint(out / "model", "tmr")
+    assert c.model.config.near_miss_weight == 1.0 and "near_miss_weight=1.0" in c.meta["made_by"]
+
+
+def test_near_misses_of_a_batch_swap_one_word_and_mirror_sided_motions(tiny_assets):
+    from types import SimpleNamespace
+    from sopo_ext.pretrain import Data, RewardTask
+    args = SimpleNamespace(data=str(tiny_assets["data"]), max_len=196, seed=0, text_encoder="hash",
+                           batch_size=8)
+    data = Data(args, need_text=True)
+    task = RewardTask(args, data)
+    b = data.train_batches.batch(0)
+    b["captions"][0] = "a person waves the left hand twice"
+    nm = task.near_misses(b)
+    own0 = (nm["text_owner"] == 0).nonzero().flatten().tolist()
+    swapped = data.text_encoder.encode(["a person waves the right hand twice",
+                                        "a person waves the left hand once"])
+    assert torch.allclose(nm["text_emb"][own0], swapped)
+    assert 0 in nm["mirror_owner"].tolist()
+    j = nm["mirror_owner"].tolist().index(0)
+    L = int(b["mask"][0].sum())
+    mean, std = torch.as_tensor(data.mean).double(), torch.as_tensor(data.std).double()
+    want = (sk.mirror_features(b["motion"][0, :L].double() * std + mean) - mean) / std
+    torch.testing.assert_close(nm["mirror_motion"][j, :L], want.float())
+    assert (nm["mirror_motion"][j, L:] == 0).all()

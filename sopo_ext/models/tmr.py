@@ -70,6 +70,10 @@ class TMRConfig:
     kl_weight: float = 1e-5
     kl_cross: bool = True
     latent_weight: float = 1e-5
+    # near-miss negatives (the detail-aware reward): weight of the pairwise terms that rank a
+    # motion's own caption above the caption with one detail swapped, and a left/right caption
+    # above the mirrored motion; 0 = TMR's objective only
+    near_miss_weight: float = 0.0
 
     def __post_init__(self):
         for name in ("nfeats", "text_dim", "latent_dim", "d_model", "num_layers", "num_heads",
@@ -89,7 +93,7 @@ class TMRConfig:
         if self.filter_threshold is not None and not 0.0 <= float(self.filter_threshold) <= 1.0:
             raise ValueError(f"TMRConfig.filter_threshold must be in [0, 1] (score scale) or None, "
                              f"got {self.filter_threshold!r}")
-        for name in ("kl_weight", "latent_weight"):
+        for name in ("kl_weight", "latent_weight", "near_miss_weight"):
             if not float(getattr(self, name)) >= 0:
                 raise ValueError(f"TMRConfig.{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -339,10 +343,12 @@ class TMR(nn.Module):
         return info_nce_with_filtering(text_latent, motion_latent, text_emb, t, thr)
 
     def training_loss(self, motion: torch.Tensor, mask: Optional[torch.Tensor],
-                      text_emb: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """TMR's objective without the decoder: loss = nce + kl_weight*kl + latent_weight*latent.
+                      text_emb: torch.Tensor, near_miss: Optional[Dict[str, torch.Tensor]] = None
+                      ) -> Dict[str, torch.Tensor]:
+        """TMR's objective without the decoder: loss = nce + kl_weight*kl + latent_weight*latent
+        (+ near_miss_weight * near_miss when ``near_miss`` is given, see ``near_miss_loss``).
 
-        Returns dict(loss, nce, kl, latent) (scalars; nce/kl/latent unweighted)."""
+        Returns dict(loss, nce, kl, latent[, near_miss]) (scalars; the parts unweighted)."""
         out = self(motion, mask, text_emb)
         c = self.config
         nce = self.contrastive_loss(out["text_latent"], out["motion_latent"], text_emb)
@@ -353,4 +359,34 @@ class TMR(nn.Module):
             kl = kl + gaussian_kl(*t, *m) + gaussian_kl(*m, *t)
         latent = F.smooth_l1_loss(out["text_latent"].float(), out["motion_latent"].float())
         loss = nce + c.kl_weight * kl + c.latent_weight * latent
-        return {"loss": loss, "nce": nce.detach(), "kl": kl.detach(), "latent": latent.detach()}
+        res = {"nce": nce.detach(), "kl": kl.detach(), "latent": latent.detach()}
+        if near_miss is not None and c.near_miss_weight > 0:
+            nm = self.near_miss_loss(out["text_mu"], out["motion_mu"], **near_miss)
+            loss = loss + c.near_miss_weight * nm
+            res["near_miss"] = nm.detach()
+        return {"loss": loss, **res}
+
+    def near_miss_loss(self, text_mu: torch.Tensor, motion_mu: torch.Tensor, *,
+                       text_emb: Optional[torch.Tensor] = None, text_owner: Optional[torch.Tensor] = None,
+                       mirror_motion: Optional[torch.Tensor] = None,
+                       mirror_mask: Optional[torch.Tensor] = None,
+                       mirror_owner: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pairwise logistic losses on hard negatives, at the InfoNCE temperature: for a near-miss
+        caption n of row i (``text_emb[n]``, ``text_owner[n] = i``: row i's caption with one
+        detail word swapped) ``softplus((s(t'_n, m_i) - s(t_i, m_i)) / temperature)``, and for a
+        mirrored motion of row i (``mirror_motion``, ``mirror_owner``: rows whose caption says
+        left or right) ``softplus((s(t_i, mirror(m_i)) - s(t_i, m_i)) / temperature)``; s = cos.
+        The mean over all negatives given (0 without any)."""
+        tau = self.config.temperature
+        pos = F.cosine_similarity(text_mu.float(), motion_mu.float(), dim=-1)
+        terms = []
+        if text_emb is not None and text_emb.shape[0]:
+            neg = F.cosine_similarity(self.encode_text(text_emb).float(), motion_mu[text_owner].float(), dim=-1)
+            terms.append(F.softplus((neg - pos[text_owner]) / tau))
+        if mirror_motion is not None and mirror_motion.shape[0]:
+            neg = F.cosine_similarity(text_mu[mirror_owner].float(),
+                                      self.encode_motion(mirror_motion, mirror_mask).float(), dim=-1)
+            terms.append(F.softplus((neg - pos[mirror_owner]) / tau))
+        if not terms:
+            return pos.sum() * 0.0
+        return torch.cat(terms).mean()
