@@ -91,6 +91,11 @@ def run(args) -> Dict[str, Dict[str, float]]:
     ev = ckpt_io.load_checkpoint(args.evaluator, "evaluator")
     ckpt_io.check_normalization(ev, split.mean, split.std_safe, what=what)
     rw = None
+    if args.reward == "oracle" or str(args.reward).startswith("oracle:"):
+        raise ValueError("--reward oracle is a training-time diagnostic (python -m sopo_ext.train "
+                         "--reward oracle); the evaluation reports what it measures directly as "
+                         "'judged details' on the built-in data. Evaluate with a reward model "
+                         "(the default, a bundled name or a checkpoint) or 'none'")
     if args.reward != "none":
         rw = ckpt_io.load_checkpoint(args.reward, "tmr")
         ckpt_io.check_normalization(rw, split.mean, split.std_safe, what=what)

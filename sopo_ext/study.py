@@ -8,6 +8,7 @@ over seeds plus a plot of alignment (R-precision top1) against FID:
     python -m sopo_ext.study --out docs/study --jobs 2            # everything, 2 runs at a time
     python -m sopo_ext.study --backbones mdm --methods sopo dsopo --seeds 0 1 2 --taus --ks
     python -m sopo_ext.study --out steps --backbones mdm --methods sopo --taus --ks --sampling 2 4 8 16
+    python -m sopo_ext.study --out rewards --methods sopo --taus --ks --saturating --rewards reward-detail oracle
 
 Each run lives in ``<out>/runs/<backbone>/<label>-s<seed>/``; a run whose ``eval.json`` exists is
 not repeated, so an interrupted study continues where it stopped. ``--dry-run`` lists the runs;
@@ -47,12 +48,12 @@ COLUMNS = ["R-precision top1", "R-precision top3", "MM-Dist", "FID", "Diversity"
 @dataclass
 class Run:
     backbone: str
-    label: str  # "base", a method, "sopo tau=0.50", "sopo K=2"
+    label: str  # "base", a method, "sopo tau=0.50", "sopo K=2", "sopo reward=oracle"
     seed: int
     train_args: List[str] = field(default_factory=list)  # empty: evaluate the base model
 
     def dir(self, out: Path) -> Path:
-        safe = self.label.replace(" ", "_").replace("=", "")
+        safe = self.label.replace(" ", "_").replace("=", "").replace("/", "_").replace(":", "_")
         return out / "runs" / self.backbone / f"{safe}-s{self.seed}"
 
 
@@ -74,6 +75,9 @@ def plan(args) -> List[Run]:
                     runs.append(Run(bb, f"sopo steps={n}", s, ["--method", "sopo", "--sampling-steps", str(n)]))
             for m in args.saturating:  # the same method in the sigmoid's saturating regime
                 runs.append(Run(bb, f"{m} scale=dpo", s, ["--method", m, "--scale-regime", "diffusion-dpo"]))
+            for reward in args.rewards:  # trained with another reward, evaluated as every run
+                for m in args.reward_methods:
+                    runs.append(Run(bb, f"{m} reward={reward}", s, ["--method", m, "--reward", reward]))
     return runs
 
 
@@ -89,7 +93,7 @@ def _execute(run: Run, args, out: Path) -> Optional[str]:
         cmd = py + ["sopo_ext.train", *run.train_args, "--backbone", run.backbone, "--base", ckpt,
                     "--seed", str(run.seed), "--steps", str(args.steps), "--out", str(d / "train"),
                     "--evaluator", "none", "--no-animation", "--no-progress", "--resume",
-                    *common, *(["--reward", args.reward] if args.reward else []),
+                    *common, *(["--reward", args.reward] if args.reward and "--reward" not in run.train_args else []),
                     *shlex.split(args.train_extra)]
         with open(d / "train.log", "a") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -489,6 +493,11 @@ def parse_args(argv=None):
     a("--saturating", nargs="*", default=["sopo", "modipo"], choices=sorted(METHODS),
       help="these methods again with --scale-regime diffusion-dpo (scale 2500: the sigmoid's "
            "saturating regime), labelled '<method> scale=dpo'")
+    a("--rewards", nargs="*", default=[],
+      help="--reward-methods again, each trained with each of these rewards (a bundled name such as "
+           "reward-detail, a checkpoint, or 'oracle', the diagnostic), labelled '<method> "
+           "reward=<name>'; every run is still evaluated with --reward, so the rows compare")
+    a("--reward-methods", nargs="*", default=["sopo"], choices=sorted(METHODS))
     a("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a("--taus", nargs="*", type=float, default=[0.40, 0.45, 0.50, 0.55, 0.60])
     a("--ks", nargs="*", type=int, default=[2, 4])

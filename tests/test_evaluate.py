@@ -77,3 +77,10 @@ def test_bad_flags():
         evaluate.parse_args(["--samples", "8"])
     with pytest.raises(SystemExit, match="--replications must be >= 1"):
         evaluate.parse_args(["--replications", "0"])
+
+
+def test_the_oracle_is_not_an_evaluation_reward(assets, tmp_path, capsys):
+    a = argv(assets, "mdm", tmp_path / "x.json")
+    a += ["--reward", "oracle"]
+    assert evaluate.main(a) == 2
+    assert "training-time diagnostic" in capsys.readouterr().err

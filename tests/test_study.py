@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import pytest
 
 from sopo_ext import study
@@ -33,6 +35,14 @@ def test_plan_covers_methods_seeds_and_sweeps():
     assert steps[-1].train_args == ["--method", "sopo", "--sampling-steps", "16"]
     with pytest.raises(SystemExit):
         study.parse_args(["--sampling", "0"])
+    rewards = study.plan(study.parse_args(["--backbones", "mdm", "--seeds", "0", "--methods", "sopo",
+                                           "--taus", "--ks", "--saturating", "--rewards", "reward-detail",
+                                           "oracle:/tmp/r", "--reward-methods", "sopo", "dsopo"]))
+    assert [r.label for r in rewards] == ["base", "sopo", "sopo reward=reward-detail",
+                                          "dsopo reward=reward-detail", "sopo reward=oracle:/tmp/r",
+                                          "dsopo reward=oracle:/tmp/r"]
+    assert rewards[2].train_args == ["--method", "sopo", "--reward", "reward-detail"]
+    assert rewards[-1].dir(Path("/o")).name == "dsopo_rewardoracle__tmp_r-s0"
 
 
 def test_study_runs_evaluates_and_aggregates(assets, tmp_path, capsys):
