@@ -49,7 +49,7 @@ TRAIN_STATE = "train_state.pt"
 _MEAN_KEY, _STD_KEY = "_data.mean", "_data.std"
 
 #: the checkpoints shipped inside the package (``sopo_ext/checkpoints/<name>``), name -> kind.
-BUNDLED = {"mdm": "mdm", "mld": "mld", "reward": "tmr", "evaluator": "evaluator"}
+BUNDLED = {"mdm": "mdm", "mld": "mld", "reward": "tmr", "reward-detail": "tmr", "evaluator": "evaluator"}
 
 PathLike = Union[str, os.PathLike]
 
@@ -265,7 +265,7 @@ def _shape_report(model: nn.Module, state: Dict[str, torch.Tensor]) -> Optional[
 def load_checkpoint(path: PathLike, kind: Optional[str] = None, *, map_location="cpu",
                     config_overrides: Optional[dict] = None) -> Checkpoint:
     """Load a checkpoint directory (or a bundled name: ``"mdm"``, ``"mld"``, ``"reward"``,
-    ``"evaluator"``). ``kind`` checks the model type. The model is returned in eval mode."""
+    ``"reward-detail"``, ``"evaluator"``). ``kind`` checks the model type. The model is returned in eval mode."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 

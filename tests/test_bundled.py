@@ -14,7 +14,9 @@ from sopo_ext import metrics
 from sopo_ext.data import synthetic
 from sopo_ext.data.humanml3d import HumanML3D, collate_motions
 
-NAMES = {"mdm": "mdm", "mld": "mld", "reward": "tmr", "evaluator": "evaluator"}
+NAMES = {"mdm": "mdm", "mld": "mld", "reward": "tmr", "reward-detail": "tmr", "evaluator": "evaluator"}
+#: the pretrain command that made each (the detail-aware reward is a reward run with near misses)
+COMMAND = {"reward-detail": "reward"}
 ROOT = Path(C.__file__).resolve().parent / "checkpoints"
 
 
@@ -38,11 +40,14 @@ def test_size_budget():
 def test_provenance_is_recorded(bundled):
     for name, c in bundled.items():
         made_by = c.meta["made_by"]
-        assert made_by.startswith(f"python -m sopo_ext.pretrain {name} "), made_by
+        assert made_by.startswith(f"python -m sopo_ext.pretrain {COMMAND.get(name, name)} "), made_by
         assert "--seed" in made_by and c.meta["seed"] == 0 and c.meta["data"] == "builtin"
         assert c.meta["steps"] > 0 and c.meta["metrics"]
-    for name in ("mdm", "mld", "reward"):
+    for name in ("mdm", "mld", "reward", "reward-detail"):
         assert bundled[name].meta["text_encoder"] == "all-MiniLM-L6-v2"
+    w = bundled["reward-detail"].model.config.near_miss_weight
+    assert w > 0 and f"near_miss_weight={w}" in bundled["reward-detail"].meta["made_by"]
+    assert bundled["reward"].model.config.near_miss_weight == 0.0
     assert bundled["mdm"].meta["diffusion"]["prediction"] == "x0"
     assert bundled["mld"].meta["diffusion"]["prediction"] == "eps"
 
@@ -72,8 +77,9 @@ def text_emb(unseen):
     return MiniLMEncoder().encode(unseen["captions"])
 
 
-def test_reward_model_retrieves_unseen_motions(bundled, unseen, text_emb):
-    tmr = bundled["reward"].model
+@pytest.mark.parametrize("name", ["reward", "reward-detail"])
+def test_reward_model_retrieves_unseen_motions(bundled, unseen, text_emb, name):
+    tmr = bundled[name].model
     with torch.no_grad():
         t = tmr.encode_text(text_emb)
         m = tmr.encode_motion(unseen["motion"], unseen["mask"])
@@ -83,6 +89,29 @@ def test_reward_model_retrieves_unseen_motions(bundled, unseen, text_emb):
     assert ((s >= 0) & (s <= 1)).all()
     # matched pairs score higher than mismatched ones on average
     assert s.mean() > tmr.score(t, m.roll(1, 0)).mean() + 0.05
+
+
+def test_the_detail_aware_reward_tells_near_misses_apart_better(bundled, unseen, text_emb):
+    """On motions neither reward saw, the detail-aware one scores a motion's own caption above
+    the same caption with one detail word swapped more often, and by a wider median margin."""
+    from sopo_ext.evaluation import counterfactual_captions
+    from sopo_ext.models.text import MiniLMEncoder
+    owner, near = [], []
+    for i, cap in enumerate(unseen["captions"]):
+        for c in counterfactual_captions(cap):
+            owner.append(i)
+            near.append(c)
+    assert len(near) >= 20
+    near_emb = MiniLMEncoder().encode(near)
+    idx = torch.tensor(owner)
+    out = {}
+    for name in ("reward", "reward-detail"):
+        tmr = bundled[name].model
+        with torch.no_grad():
+            m = tmr.encode_motion(unseen["motion"], unseen["mask"])[idx]
+            d = tmr.score(tmr.encode_text(text_emb)[idx], m) - tmr.score(tmr.encode_text(near_emb), m)
+        out[name] = ((d > 0).float().mean().item(), d.median().item())
+    assert out["reward-detail"][0] > out["reward"][0] and out["reward-detail"][1] > 2 * out["reward"][1], out
 
 
 def test_evaluator_retrieves_unseen_motions(bundled, unseen):
