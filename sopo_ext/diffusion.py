@@ -378,15 +378,27 @@ class GaussianDiffusion:
             out = model(x_t, t, text_emb, mask=mask,
                         uncond=torch.zeros(B, dtype=torch.bool, device=x_t.device))
         else:
-            uncond = torch.cat([torch.zeros(B, dtype=torch.bool, device=x_t.device),
-                                torch.ones(B, dtype=torch.bool, device=x_t.device)])
-            both = model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([text_emb, text_emb]),
-                         mask=None if mask is None else torch.cat([mask, mask]), uncond=uncond)
-            if both.shape[0] != 2 * B:
-                raise ValueError(f"model returned {both.shape[0]} rows for a batch of {2 * B}")
-            out_c, out_u = both[:B], both[B:]
+            text2, mask2, uncond = self._doubled_condition(text_emb, mask, x_t.device)
+            out_c, out_u = self._split_guided(
+                model(torch.cat([x_t, x_t]), torch.cat([t, t]), text2, mask=mask2, uncond=uncond), B)
             out = out_u + s * (out_c - out_u)
         return out.to(x_t.dtype)
+
+    @staticmethod
+    def _doubled_condition(text_emb: Tensor, mask: Optional[Tensor], device):
+        """(text, mask, uncond) of a CFG batch: the B rows conditional, then the same B rows
+        unconditional."""
+        B = text_emb.shape[0]
+        uncond = torch.cat([torch.zeros(B, dtype=torch.bool, device=device),
+                            torch.ones(B, dtype=torch.bool, device=device)])
+        return torch.cat([text_emb, text_emb]), None if mask is None else torch.cat([mask, mask]), uncond
+
+    @staticmethod
+    def _split_guided(out: Tensor, B: int) -> Tuple[Tensor, Tensor]:
+        """(conditional, unconditional) rows of a CFG batch's output."""
+        if out.shape[0] != 2 * B:
+            raise ValueError(f"model returned {out.shape[0]} rows for a batch of {2 * B}")
+        return out[:B], out[B:]
 
     def _loop_denoiser(self, model, x_T: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor],
                        s: float):
@@ -405,17 +417,11 @@ class GaussianDiffusion:
                 return plan(x, t).to(x.dtype)
         else:
             both = torch.cat([x_T, x_T])
-            uncond = torch.cat([torch.zeros(B, dtype=torch.bool, device=dev),
-                                torch.ones(B, dtype=torch.bool, device=dev)])
-            plan = make_plan(both, torch.cat([text_emb, text_emb]),
-                             None if mask is None else torch.cat([mask, mask]), uncond)
+            plan = make_plan(both, *self._doubled_condition(text_emb, mask, dev))
 
             def denoise(x: Tensor, t: Tensor) -> Tensor:
                 torch.cat([x, x], out=both)
-                out = plan(both, torch.cat([t, t]))
-                if out.shape[0] != 2 * B:
-                    raise ValueError(f"model returned {out.shape[0]} rows for a batch of {2 * B}")
-                out_c, out_u = out[:B], out[B:]
+                out_c, out_u = self._split_guided(plan(both, torch.cat([t, t])), B)
                 # out_u + s (out_c - out_u), written into the plan's fresh output (the same
                 # values: IEEE + and * commute) instead of three new [B, T, F] tensors
                 return out_c.sub_(out_u).mul_(s).add_(out_u).to(x.dtype)

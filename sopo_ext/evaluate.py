@@ -42,6 +42,7 @@ from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
 from .data import judge
+from .rewards import is_oracle
 from .evaluation import generate_split, generation_metrics, judged_accuracy, reward_detail_accuracy
 from .sampling import diffusion_from_meta
 
@@ -91,7 +92,7 @@ def run(args) -> Dict[str, Dict[str, float]]:
     ev = ckpt_io.load_checkpoint(args.evaluator, "evaluator")
     ckpt_io.check_normalization(ev, split.mean, split.std_safe, what=what)
     rw = None
-    if args.reward == "oracle" or str(args.reward).startswith("oracle:"):
+    if is_oracle(args.reward):
         raise ValueError("--reward oracle is a training-time diagnostic (python -m sopo_ext.train "
                          "--reward oracle); the evaluation reports what it measures directly as "
                          "'judged details' on the built-in data. Evaluate with a reward model "

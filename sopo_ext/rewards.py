@@ -35,10 +35,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["is_score_reward", "OracleReward", "ORACLE"]
+__all__ = ["is_score_reward", "is_oracle", "oracle_embeddings", "OracleReward", "ORACLE"]
 
 #: the ``--reward`` value of the oracle diagnostic
 ORACLE = "oracle"
+
+
+def is_oracle(spec) -> bool:
+    """Whether a ``--reward`` value names the oracle: ``"oracle"`` or ``"oracle:<checkpoint>"``."""
+    return isinstance(spec, str) and (spec == ORACLE or spec.startswith(ORACLE + ":"))
+
+
+def oracle_embeddings(spec: str) -> Optional[str]:
+    """The reward checkpoint that embeds for the oracle ``spec``: the one after ``"oracle:"``,
+    or None (the bundled reward) for plain ``"oracle"``."""
+    return spec[len(ORACLE) + 1:] or None
 
 
 def is_score_reward(reward) -> bool:

@@ -40,7 +40,7 @@ from .data.humanml3d import HumanML3D
 from .methods import PreferenceStep, StepConfig
 from .optim import make_adamw, rng_state, set_rng_state, warmup_cosine
 from .profiling import phase, phase_times, reset_phase_times
-from .rewards import ORACLE, OracleReward
+from .rewards import OracleReward, is_oracle, oracle_embeddings
 from .runs import CsvLog, resume_state
 from .sampling import diffusion_from_meta
 
@@ -227,13 +227,12 @@ class SoPoTrainer:
         cfg, device = self.config, self.device
         self.base = self._checkpoint(self._given["base"], cfg.base, cfg.backbone, cfg.backbone)
         # "oracle" or "oracle:<reward checkpoint>": the judge scores, that reward embeds
-        oracle = self._given["reward"] is None and cfg.reward is not None and \
-            (cfg.reward == ORACLE or cfg.reward.startswith(ORACLE + ":"))
+        oracle = self._given["reward"] is None and is_oracle(cfg.reward)
         if oracle and self.judged is None:
             raise ConfigError("reward", "'oracle' is the built-in dataset's geometric judge (a "
                               "diagnostic upper bound); it needs the ground truth of the built-in "
                               "data (specs.json), which --data has not got")
-        reward_spec = (cfg.reward[len(ORACLE) + 1:] or None) if oracle else cfg.reward
+        reward_spec = oracle_embeddings(cfg.reward) if oracle else cfg.reward
         reward_c = self._checkpoint(self._given["reward"], reward_spec, "reward", "tmr")
         skip = (self._given["evaluator"] or cfg.evaluator) == "none"
         evaluator_c = None if skip else self._checkpoint(self._given["evaluator"], cfg.evaluator,

@@ -285,6 +285,13 @@ class TextCondition(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+def require_eval_for_plan(model: nn.Module) -> None:
+    """A sampling plan fixes the text once per loop, which training mode cannot allow."""
+    if model.training:
+        raise ValueError("sampling_plan needs the model in eval mode (call .eval()): in "
+                         "training mode forward drops the text at random on every call")
+
+
 class SamplingPlan:
     """What a backbone's ``sampling_plan(x_T, text_emb, mask, uncond)`` returns: a callable
     ``plan(x_t, t) -> output`` equal to ``model(x_t, t, text_emb, mask, uncond)`` for every x_t

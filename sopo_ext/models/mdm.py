@@ -33,10 +33,9 @@ from torch import Tensor, nn
 
 from .layers import (PositionalEncoding, SamplingPlan, TextCondition, TimestepEmbedder, check_mask,
                      check_motion, check_text_emb, check_timesteps, encoder_plan,
-                     make_transformer_encoder,
-                     num_tokens, patchify, require_activation, require_divisible,
-                     require_positive_int, require_probability, resolve_uncond,
-                     token_mask_from_frames, unpatchify)
+                     make_transformer_encoder, num_tokens, patchify, require_activation,
+                     require_divisible, require_eval_for_plan, require_positive_int,
+                     require_probability, resolve_uncond, token_mask_from_frames, unpatchify)
 
 
 @dataclass
@@ -106,9 +105,7 @@ class MDM(nn.Module):
         instead of once per step, and the input is not masked again (the sampler keeps x_t zero
         at padded frames). Each call returns exactly what ``forward`` returns. Eval mode only:
         in training mode the text is dropped at random on every call."""
-        if self.training:
-            raise ValueError("sampling_plan needs the model in eval mode (call .eval()): in "
-                             "training mode forward drops the text at random on every call")
+        require_eval_for_plan(self)
         batch, frames = self._check_inputs(x_T, text_emb, mask)
         u = resolve_uncond(uncond, text_emb, batch, x_T.device, False, 0.0)
         ctx = self._context(text_emb, u, mask, batch, frames, x_T.device, plan=True)

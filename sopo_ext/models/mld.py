@@ -44,11 +44,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import (PositionalEncoding, SamplingPlan, TextCondition, TimestepEmbedder, check_mask,
-                     check_motion, check_text_emb, check_timesteps, encoder_plan,
-                     lengths_to_mask,
+                     check_motion, check_text_emb, check_timesteps, encoder_plan, lengths_to_mask,
                      make_transformer_encoder, num_tokens, patchify, require_activation,
-                     require_divisible, require_positive_int, require_probability,
-                     resolve_uncond, token_mask_from_frames, unpatchify)
+                     require_divisible, require_eval_for_plan, require_positive_int,
+                     require_probability, resolve_uncond, token_mask_from_frames, unpatchify)
 
 # logvar is clamped before exp() so an untrained encoder cannot overflow the sample.
 _LOGVAR_MIN, _LOGVAR_MAX = -30.0, 20.0
@@ -286,9 +285,7 @@ class LatentDenoiser(nn.Module):
                       uncond: Optional[Tensor] = None) -> SamplingPlan:
         """``forward`` for a sampling loop: the projected text token is computed once (see
         ``MDM.sampling_plan``). Eval mode only."""
-        if self.training:
-            raise ValueError("sampling_plan needs the model in eval mode (call .eval()): in "
-                             "training mode forward drops the text at random on every call")
+        require_eval_for_plan(self)
         batch = self._check_latent(x_T, "x_T")
         check_text_emb(text_emb, batch, self.config.text_dim)
         text = self.text_cond(text_emb, resolve_uncond(uncond, text_emb, batch, x_T.device, False, 0.0))
