@@ -7,16 +7,19 @@ other, so on a shared VM a slow minute lands on one variant only; medians of the
 moved between 1.01x and 1.25x over three runs on 2026-12-02. Here each round runs both loops
 back to back (their order alternating), and the figure is the per-round ratio plain / fast:
 its geometric mean with a 95% Student-t interval over the rounds (on log ratios, sample std),
-plus each variant's median and minimum. Both loops draw the same samples (checked once here,
+plus each variant's median and minimum; ``--json`` stores every round's values. Both loops draw the same samples (checked once here,
 and by tests/test_fast_sampling.py). Nothing is asserted; the table goes into
 docs/performance.md with this command.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -50,6 +53,7 @@ def main(argv=None) -> None:
     ap.add_argument("--guidance", type=float, default=1.0)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None, help="also write every round's times and ratio here")
     args = ap.parse_args(argv)
     if args.rounds < 2:
         ap.error("--rounds must be at least 2 (an interval needs two ratios)")
@@ -61,6 +65,8 @@ def main(argv=None) -> None:
     print("| backbone | plain median | plain min | fast median | fast min | plain / fast: geometric "
           "mean [95% t interval] | per-round range |")
     print("|---|---:|---:|---:|---:|---:|---:|")
+    record = {"command": "python benchmarks/ab_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "backbones": {}}
     for kind in args.backbones:
         c = load_checkpoint(kind, kind)
         model, diffusion = c.model.eval(), diffusion_from_meta(c.meta)
@@ -87,6 +93,10 @@ def main(argv=None) -> None:
               f"| {statistics.median(times[True]) * 1e3:.0f} ms | {min(times[True]) * 1e3:.0f} ms "
               f"| {math.exp(m):.3f}x [{math.exp(m - h):.3f}, {math.exp(m + h):.3f}] "
               f"| {min(ratios):.2f}-{max(ratios):.2f}x |")
+        record["backbones"][kind] = {"plain_s": times[False], "fast_s": times[True], "ratios": ratios,
+                                     "geometric_mean": math.exp(m), "ci95": [math.exp(m - h), math.exp(m + h)]}
+    if args.json:
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -118,14 +118,21 @@ def test_sampling_loop(benchmark, sizes, backbones, kind, variant):
                              f"{steps} DDIM steps", variant, fn, flops, rounds=3)
 
 
-def test_profile_and_ab_scripts_run(capsys):
+def test_profile_and_ab_scripts_run(capsys, tmp_path):
     """The two measuring scripts of docs/performance.md run (tiny sizes; not a benchmark, so
     --benchmark-only skips it and CI's quick run checks it)."""
     import ab_sampling
     import profile_sampling
     profile_sampling.main(["--backbone", "mdm", "--rows", "4", "--frames", "12", "--steps", "2", "--top", "3"])
     profile_sampling.main(["--backbone", "mld", "--rows", "4", "--frames", "12", "--steps", "2", "--plain"])
-    ab_sampling.main(["--rows", "4", "--frames", "12", "--steps", "2", "--rounds", "2"])
+    ab_sampling.main(["--rows", "4", "--frames", "12", "--steps", "2", "--rounds", "2",
+                      "--json", str(tmp_path / "ab.json")])
     out = capsys.readouterr().out
     assert out.count("# sampling loop profile") == 2 and "plain loop" in out and "fast loop" in out
     assert out.count("| mdm |") == 1 and out.count("| mld |") == 1
+    import json
+    rec = json.loads((tmp_path / "ab.json").read_text())
+    for kind in ("mdm", "mld"):
+        r = rec["backbones"][kind]
+        assert len(r["ratios"]) == len(r["plain_s"]) == len(r["fast_s"]) == 2
+        assert r["ci95"][0] <= r["geometric_mean"] <= r["ci95"][1]
