@@ -17,8 +17,11 @@ detail accuracy (:func:`sopo_ext.evaluation.detail_accuracy`), and on the built-
 ``judged`` accuracies: hand / leg / direction, heading and count checked by geometry against the
 ground truth (:func:`sopo_ext.evaluation.judged_accuracy`); and the reward model's own grip on
 details, how often it scores a motion higher with its caption than with a near miss and by how
-much (:func:`sopo_ext.evaluation.reward_detail_accuracy`, on generated and on real motions). Output: a table on stdout and,
-with ``--json``, a JSON file.
+much (:func:`sopo_ext.evaluation.reward_detail_accuracy`, on generated and on real motions).
+``--also-reward NAME`` scores the same generated motions with more reward models (their mean
+reward and detail accuracy / margin, keys suffixed `` [NAME]``): how well the reward a policy was
+trained with sees the details of that policy's samples. Output: a table on stdout and, with
+``--json``, a JSON file.
 
 Defaults are sized for a CPU (3 replications, 50 DDIM steps); the original uses 20
 replications of 1000 samples.
@@ -33,6 +36,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 import torch
 
 from . import checkpoint as ckpt_io
@@ -43,7 +47,8 @@ from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
 from .data import judge
 from .rewards import is_oracle
-from .evaluation import generate_split, generation_metrics, judged_accuracy, reward_detail_accuracy
+from .evaluation import (generate_split, generation_metrics, judged_accuracy, reward_detail_accuracy,
+                         reward_of_split)
 from .sampling import diffusion_from_meta
 
 __all__ = ["main", "parse_args", "run", "format_table"]
@@ -70,10 +75,11 @@ def _multimodality(model, diffusion, evaluator, batches, args, device) -> float:
 
 
 def format_table(summary: Dict[str, Dict[str, float]]) -> str:
-    lines = [f"{'metric':28s} {'mean':>10s} {'95% CI':>9s}"]
+    w = max([28, *map(len, summary)])
+    lines = [f"{'metric':{w}s} {'mean':>10s} {'95% CI':>9s}"]
     for k, v in summary.items():
         ci = v.get("ci95")
-        lines.append(f"{k:28s} {v['mean']:10.4f} " + (f"{ci:9.4f}" if ci is not None and math.isfinite(ci)
+        lines.append(f"{k:{w}s} {v['mean']:10.4f} " + (f"{ci:9.4f}" if ci is not None and math.isfinite(ci)
                                                       else f"{'n/a':>9s}"))
     return "\n".join(lines)
 
@@ -100,6 +106,14 @@ def run(args) -> Dict[str, Dict[str, float]]:
     if args.reward != "none":
         rw = ckpt_io.load_checkpoint(args.reward, "tmr")
         ckpt_io.check_normalization(rw, split.mean, split.std_safe, what=what)
+    also = []
+    for name in args.also_reward:
+        if is_oracle(name) or name == "none":
+            raise ValueError(f"--also-reward {name!r}: give a reward model (a bundled name or a "
+                             "checkpoint); the oracle's view is 'judged details'")
+        extra = ckpt_io.load_checkpoint(name, "tmr")
+        ckpt_io.check_normalization(extra, split.mean, split.std_safe, what=what)
+        also.append((name, extra.model.to(device).eval()))
     from .models.text import get_text_encoder
     enc = get_text_encoder(base.meta.get("text_encoder") or args.text_encoder)
     batcher = MotionTextBatches(split, enc, batch_size=32, seed=args.seed, drop_last=False)
@@ -123,6 +137,9 @@ def run(args) -> Dict[str, Dict[str, float]]:
         if reward is not None:
             m.update(reward_detail_accuracy(reward, batches, enc, gen))
             m.update({f"real {k}": v for k, v in reward_detail_accuracy(reward, batches, enc).items()})
+        for name, extra in also:
+            m[f"reward [{name}]"] = float(np.nanmean(reward_of_split(extra, batches, gen)))
+            m.update({f"{k} [{name}]": v for k, v in reward_detail_accuracy(extra, batches, enc, gen).items()})
         for k, v in m.items():
             per_rep.setdefault(k, []).append(v)
         print(f"[evaluate] replication {r + 1}/{args.replications}: " + ", ".join(
@@ -155,6 +172,9 @@ def parse_args(argv=None):
     a("--split", default="test")
     a("--evaluator", default="evaluator", help="evaluator checkpoint (default: bundled)")
     a("--reward", default="reward", help="reward checkpoint (default: bundled; 'none' skips)")
+    a("--also-reward", action="append", default=[], metavar="NAME",
+      help="also score the generated motions with this reward model (repeatable): its mean reward "
+           "and detail accuracy / margin, keys suffixed ' [NAME]'")
     a("--text-encoder", default="minilm")
     a("--replications", type=int, default=3)
     a("--samples", type=int, default=None, help="first N samples of the split per replication")

@@ -37,6 +37,7 @@ from . import metrics
 from ._cli import command_line, run_cli
 from .checkpoint import atomic_write_text
 from .methods import METHODS
+from .study_curve import CURVE_METRICS, curve_table, plot_curve, read_curve
 
 __all__ = ["main", "parse_args", "run", "plan"]
 
@@ -78,6 +79,9 @@ def plan(args) -> List[Run]:
             for reward in args.rewards:  # trained with another reward, evaluated as every run
                 for m in args.reward_methods:
                     runs.append(Run(bb, f"{m} reward={reward}", s, ["--method", m, "--reward", reward]))
+                for m in args.reward_saturating:
+                    runs.append(Run(bb, f"{m} scale=dpo reward={reward}", s,
+                                    ["--method", m, "--scale-regime", "diffusion-dpo", "--reward", reward]))
     return runs
 
 
@@ -94,7 +98,7 @@ def _execute(run: Run, args, out: Path) -> Optional[str]:
                     "--seed", str(run.seed), "--steps", str(args.steps), "--out", str(d / "train"),
                     "--evaluator", "none", "--no-animation", "--no-progress", "--resume",
                     *common, *(["--reward", args.reward] if args.reward and "--reward" not in run.train_args else []),
-                    *shlex.split(args.train_extra)]
+                    *(_curve_flags(args) if args.curve_every else []), *shlex.split(args.train_extra)]
         with open(d / "train.log", "a") as log:
             rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
         if rc != 0:
@@ -103,12 +107,20 @@ def _execute(run: Run, args, out: Path) -> Optional[str]:
     cmd = py + ["sopo_ext.evaluate", "--ckpt", ckpt, "--seed", str(run.seed), "--replications", "1",
                 "--json", str(d / "eval.json"), *common,
                 *(["--evaluator", args.evaluator] if args.evaluator else []),
-                *(["--reward", args.reward] if args.reward else []), *shlex.split(args.eval_extra)]
+                *(["--reward", args.reward] if args.reward else []),
+                *[f for name in args.eval_rewards for f in ("--also-reward", name)], *shlex.split(args.eval_extra)]
     with open(d / "eval.log", "a") as log:
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
     if rc != 0:
         return f"{run.backbone}/{run.label}/s{run.seed}: evaluation failed (exit {rc}, see {d / 'eval.log'})"
     return None
+
+
+def _curve_flags(args) -> List[str]:
+    """The trainer's flags of a training-length curve: evaluate with the study's evaluator every
+    --curve-every steps at the evaluation's 50 DDIM steps (the step-0 row is the base model)."""
+    return ["--eval-every", str(args.curve_every), "--evaluator", args.evaluator or "evaluator",
+            "--eval-steps", "50"]
 
 
 def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]:
@@ -132,6 +144,17 @@ def _summaries(runs: List[Run], out: Path) -> List[Tuple[Run, Dict[str, float]]]
         if valuable is not None:
             vals["valuable in training"] = valuable
         found.append((r, vals))
+    return found
+
+
+def _curves(runs: List[Run], out: Path) -> Dict[str, Dict[int, Dict[str, float]]]:
+    """{"<backbone>/<label> s<seed>": {step: {metric: value}}} of the trained runs that logged
+    evaluations during training (``--curve-every``)."""
+    found = {}
+    for r in runs:
+        c = read_curve(r.dir(out) / "train" / "metrics.csv") if r.train_args else {}
+        if len(c) > 1:
+            found[f"{r.backbone}/{r.label} s{r.seed}"] = c
     return found
 
 
@@ -239,14 +262,23 @@ def per_seed_table(deltas: Dict[str, Dict[str, dict]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def _columns(results: Dict[str, Dict[str, dict]]) -> List[str]:
+    """COLUMNS, then the detail accuracy of every reward the runs were also scored with
+    (``--eval-rewards``: how well that reward sees the details of each policy's samples)."""
+    extra = sorted({k for res in results.values() for k in res
+                    if k.startswith("reward detail accuracy [")})
+    return COLUMNS + extra
+
+
 def table(results: Dict[str, Dict[str, dict]]) -> str:
-    head = "| run | seeds | " + " | ".join(COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+    cols = _columns(results)
+    head = "| run | seeds | " + " | ".join(cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
     for name, res in results.items():
         n = max((v["n"] for v in res.values()), default=0)
         cells = [_cell(res[c], "{:.0f}" if c.startswith("train") else "{:.3f}")
                  + (f" (n={res[c]['n']})" if res[c]["n"] < n else "") if c in res else ""
-                 for c in COLUMNS]
+                 for c in cols]
         lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -391,7 +423,11 @@ def run(args) -> Dict[str, Dict[str, dict]]:
                          "std); 'values' are the per-seed numbers; ci95 null when n = 1",
            "results": results, "paired vs base": deltas, "paired vs sft": vs_sft,
            "errors": errors, "missing runs": missing, "seconds": round(time.perf_counter() - t0, 1)}
-    atomic_write_text(out / "results.json", json.dumps(doc, indent=1) + "\n")
+    curves = _curves(runs, out) if args.curve_every else {}
+    if curves:
+        doc["curves"] = {k: {str(st): v for st, v in c.items()} for k, c in curves.items()}
+    name = args.results_name
+    atomic_write_text(out / f"{name}.json", json.dumps(doc, indent=1) + "\n")
     # the runs are made by the command without --report-only; say which call tabulated them
     made_by = command_line("sopo_ext.study", [a for a in args.argv if a != "--report-only"])
     n_cmp = sum(len(v) for v in deltas.values())
@@ -409,13 +445,20 @@ def run(args) -> Dict[str, Dict[str, dict]]:
           + (("\nPaired with SFT at the same seed (same training batches and evaluation draw: the "
               "difference is the preference term's):\n\n" + paired_table(vs_sft, "sft") + "\n")
              if vs_sft else ""))
-    atomic_write_text(out / "results.md", md)
-    png = plot(results, out / "alignment_vs_fid.png", deltas)
-    plot_sampling(results, out / "sampling_tradeoff.png")
+    if curves:
+        md += (f"\nTraining-length curve: every run evaluated every {args.curve_every} steps by the "
+               "trainer (the same test captions and noise at every step; step 0 is the base model; "
+               "one seed, so no intervals; '- sft' columns are the paired difference at the same "
+               "step):\n\n" + "\n\n".join(curve_table(curves, m, "sft") for m in CURVE_METRICS) + "\n")
+        plot_curve(curves, out / f"{name}_curve.png")
+    suffix = "" if name == "results" else "_" + name
+    atomic_write_text(out / f"{name}.md", md)
+    png = plot(results, out / f"alignment_vs_fid{suffix}.png", deltas)
+    plot_sampling(results, out / f"sampling_tradeoff{suffix}.png")
     print(table(results))
     if errors:
         raise ValueError("some runs failed:\n" + "\n".join(errors))
-    print(f"[study] results: {out / 'results.md'}" + (f", {png}" if png else ""))
+    print(f"[study] results: {out / (name + '.md')}" + (f", {png}" if png else ""))
     return results
 
 
@@ -498,6 +541,18 @@ def parse_args(argv=None):
            "reward-detail, a checkpoint, or 'oracle', the diagnostic), labelled '<method> "
            "reward=<name>'; every run is still evaluated with --reward, so the rows compare")
     a("--reward-methods", nargs="*", default=["sopo"], choices=sorted(METHODS))
+    a("--reward-saturating", nargs="*", default=[], choices=sorted(METHODS),
+      help="these methods with each of --rewards at the saturating scale, labelled "
+           "'<method> scale=dpo reward=<name>'")
+    a("--eval-rewards", nargs="*", default=None,
+      help="score every run's evaluation samples with these reward models too (their detail "
+           "accuracy becomes a column); default: the reward models among --rewards")
+    a("--curve-every", type=int, default=0,
+      help="every trained run also evaluates every N steps (a training-length curve; use with a "
+           "long --steps); the curve is tabulated and plotted beside the results")
+    a("--results-name", default="results",
+      help="stem of the results files, so that several grids can share one --out (and its runs: "
+           "a run done by one grid is not repeated by another)")
     a("--seeds", nargs="+", type=int, default=[0, 1, 2])
     a("--taus", nargs="*", type=float, default=[0.40, 0.45, 0.50, 0.55, 0.60])
     a("--ks", nargs="*", type=int, default=[2, 4])
@@ -522,6 +577,14 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.jobs < 1 or args.threads < 1 or args.steps < 1:
         raise SystemExit("error: --jobs, --threads and --steps must be >= 1")
+    if args.curve_every < 0:
+        raise SystemExit("error: --curve-every must be >= 0")
+    if not args.results_name or "/" in args.results_name:
+        raise SystemExit("error: --results-name must be a plain file stem")
+    if args.eval_rewards is None:
+        args.eval_rewards = [r for r in args.rewards if not r.startswith("oracle")]
+    if any(r.startswith("oracle") for r in args.eval_rewards):
+        raise SystemExit("error: --eval-rewards takes reward models; the oracle's view is 'judged details'")
     if any(n < 1 for n in args.sampling):
         raise SystemExit("error: --sampling values must be >= 1")
     args.base = {"mdm": args.mdm_base, "mld": args.mld_base}
