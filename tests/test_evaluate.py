@@ -84,3 +84,6 @@ def test_the_oracle_is_not_an_evaluation_reward(assets, tmp_path, capsys):
     a += ["--reward", "oracle"]
     assert evaluate.main(a) == 2
     assert "training-time diagnostic" in capsys.readouterr().err
+    assert evaluate.main(argv(assets, "mdm", tmp_path / "y.json") + ["--also-reward", "oracle"]) == 2
+    assert "'judged details'" in capsys.readouterr().err
+    assert not (tmp_path / "y.json").exists()

@@ -186,3 +186,43 @@ def test_retabulate_a_legacy_study_gives_the_exact_t_intervals(tmp_path):
     assert study.main(["--retabulate", str(src), "--out", str(tmp_path / "again")]) == 2
     (tmp_path / "x.json").write_text("{}")
     assert study.main(["--retabulate", str(tmp_path / "x.json"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_rewards_grid_scores_every_run_with_the_training_rewards_and_draws_a_curve(assets, tmp_path, capsys):
+    """--rewards with --reward-saturating and --eval-rewards, --curve-every and --results-name: the
+    labels, the extra reward column (the same checkpoint as --reward gives the same numbers), and
+    the training-length curve that starts at the base model for every run."""
+    out = tmp_path / "v2"
+    rw = str(assets["reward"])
+    argv = ["--out", str(out), "--backbones", "mld", "--methods", "sft", "--seeds", "0", "--taus",
+            "--ks", "--saturating", "--rewards", rw, "--reward-saturating", "sopo", "--steps", "2",
+            "--curve-every", "1", "--results-name", "v2", "--jobs", "2",
+            "--data", str(assets["data"]), "--mld-base", str(assets["mld"]), "--reward", rw,
+            "--evaluator", str(assets["evaluator"]),
+            "--train-extra", "--batch-size 4 --k 2 --sampling-steps 2 --warmup 1 --eval-samples 32 --eval-steps 2",
+            "--eval-extra", "--samples 32 --steps 2 --mm-captions 0"]
+    assert study.main(argv) == 0, capsys.readouterr()
+    assert not (out / "results.json").exists()  # --results-name: the grid's own files
+    doc = json.loads((out / "v2.json").read_text())
+    label = f"mld/sopo scale=dpo reward={rw}"
+    assert set(doc["results"]) == {"mld/base", "mld/sft", f"mld/sopo reward={rw}", label}
+    run_dir = study.Run("mld", label.split("/", 1)[1], 0).dir(out)
+    cmd = (run_dir / "train" / "summary.json").read_text()
+    assert "diffusion-dpo" in cmd and "--eval-every" in cmd
+    ev = json.loads((run_dir / "eval.json").read_text())["summary"]
+    assert ev[f"reward [{rw}]"]["mean"] == pytest.approx(ev["reward"]["mean"], rel=1e-6)
+    assert ev[f"reward detail accuracy [{rw}]"]["mean"] == ev["reward detail accuracy"]["mean"]
+    md = (out / "v2.md").read_text()
+    assert f"reward detail accuracy [{rw}]" in md.splitlines()[2]
+    curves = doc["curves"]
+    assert set(curves) == {"mld/sft s0", f"mld/sopo reward={rw} s0", f"{label} s0"}
+    assert all(sorted(c, key=int) == ["0", "1", "2"] for c in curves.values())
+    base_rp = {c["0"]["R-precision top1"] for c in curves.values()}
+    assert len(base_rp) == 1  # step 0 is the base model, the same draw for every run
+    sopo, sft = curves[f"{label} s0"], curves["mld/sft s0"]
+    diff = sopo["2"]["FID"] - sft["2"]["FID"]
+    assert f"{label} s0 - mld/sft s0" in md and f"{diff:+.3f}" in md.split("FID:")[1]
+    assert (out / "v2_curve.png").stat().st_size > 1000
+    assert (out / "alignment_vs_fid_v2.png").is_file()
+    with pytest.raises(SystemExit):
+        study.parse_args(["--eval-rewards", "oracle"])
