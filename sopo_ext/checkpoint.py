@@ -17,8 +17,9 @@ place (``os.rename`` of a directory is atomic on POSIX), so a killed run leaves 
 checkpoint or the new one, never half of each.
 
 Training state for ``--resume`` (optimizer, scheduler, RNG, step) is a separate
-``train_state.pt`` inside the same directory (torch.save: it holds Python objects that
-safetensors cannot; it is never shipped).
+``train_state.pt`` inside the same directory (torch.save of nested dicts of tensors and plain
+values, which safetensors cannot hold; it is never shipped). It is read with
+``torch.load(weights_only=True)`` (``sopo_ext.safe_load``): a resume file cannot run code.
 """
 from __future__ import annotations
 
@@ -204,7 +205,10 @@ class Checkpoint:
         p = self.path / TRAIN_STATE
         if not p.is_file():
             return None
-        return torch.load(p, map_location=map_location, weights_only=False)
+        # resume files hold tensors, numbers and containers only (optim.rng_state stores numpy's
+        # state as plain values); older ones hold numpy's state tuple: its arrays are allowed
+        from .safe_load import NUMPY_ARRAYS, load_weights
+        return load_weights(p, map_location, allow=NUMPY_ARRAYS, what="resume state")
 
 
 def _resolve(path: PathLike) -> Path:

@@ -268,7 +268,7 @@ def test_a_run_of_an_older_step_is_not_resumed(assets, tmp_path, capsys):
     out = tmp_path / "run"
     assert train.main(targv(assets, out, "sopo", "mdm", "--stop-after", "1", steps=2)) == 0
     state_file = out / "last" / C.TRAIN_STATE
-    state = torch.load(state_file, weights_only=False)
+    state = torch.load(state_file, weights_only=True)
     assert state["args"]["step_version"] == train.STEP_VERSION
     del state["args"]["step_version"]
     torch.save(state, state_file)

@@ -344,7 +344,7 @@ def test_stop_after_and_resume_equal_an_uninterrupted_run(method, backbone, asse
     assert not (part / "model").exists()
     assert C.load_checkpoint(part / "last", backbone).meta["steps"] == 2
     state_file = part / "last" / C.TRAIN_STATE
-    state = torch.load(state_file, weights_only=False)
+    state = torch.load(state_file, weights_only=True)
     assert state["clock"]["train cpu seconds"] > 0 and state["clock"]["phase seconds"]["loss"] > 0
     # pretend the first part took 1000 s (500 s of loss), so the sum is unmistakable
     state["clock"].update({"train seconds": 1000.0, "train cpu seconds": 1000.0})
