@@ -161,7 +161,13 @@ def save_checkpoint(directory: PathLike, model: nn.Module, *, meta: Optional[dic
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     recover(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        if v.numel() and v.data_ptr() in seen:  # a buffer registered under two names (the
+            v = v.clone()                       # released MDM's pe): safetensors wants one each
+        seen.add(v.data_ptr())
+        state[k] = v
     reserved = [k for k in state if k.startswith("_data.")]
     if reserved:
         raise ValueError(f"state dict keys {reserved} clash with the reserved '_data.' prefix")

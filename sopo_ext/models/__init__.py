@@ -30,6 +30,8 @@ KINDS = {
     "mld_denoiser": ("mld", "LatentDenoiserConfig", "LatentDenoiser"),
     "tmr": ("tmr", "TMRConfig", "TMR"),
     "evaluator": ("evaluator", "EvaluatorConfig", "MotionTextEvaluator"),
+    # the released architectures (sopo_ext.official), saved by this package once fine-tuned
+    "mdm_official": ("sopo_ext.official.mdm", "OfficialMDMConfig", "OfficialMDM"),
 }
 
 
@@ -38,7 +40,7 @@ def model_classes(kind: str) -> Tuple[type, type]:
     if kind not in KINDS:
         raise KeyError(f"unknown model kind {kind!r}; known kinds: {sorted(KINDS)}")
     module, cfg, cls = KINDS[kind]
-    mod = importlib.import_module(f"{__name__}.{module}")
+    mod = importlib.import_module(module if "." in module else f"{__name__}.{module}")
     return getattr(mod, cfg), getattr(mod, cls)
 
 
