@@ -1,0 +1,155 @@
+"""The released MDM's text encoder: CLIP ViT-B/32's text tower, as ``MDM.clip_encode_text`` uses it.
+
+The release calls OpenAI's ``clip`` package: ``clip.tokenize(captions, context_length=22,
+truncate=True)`` (HumanML3D captions are cut to 20 tokens plus start and end), zero-pads the
+tokens to CLIP's 77 positions, and takes ``encode_text(tokens).float()``: the 512-d projection of
+the final layer norm at the end token. This module does the same with ``open_clip_torch``:
+
+* **why open_clip**: its tokenizer ships CLIP's BPE vocabulary inside the wheel, so tokenizing
+  needs no download (the tests run offline); it builds the text tower alone (63 M parameters,
+  without the 88 M of the image tower); and it loads OpenAI's weights from a safetensors file
+  (``timm/vit_base_patch32_clip_224.openai`` on the Hugging Face hub), which cannot run code.
+  OpenAI's package needs its JIT archive from an Azure URL, and ``transformers``' CLIP tokenizer
+  downloads its vocabulary; both tokenize the same BPE with the same cleaning, as open_clip does.
+* **precision**: the release converts CLIP's matrices to fp16 (``clip.model.convert_weights``)
+  and runs it on the GPU; ``precision="fp16"`` does the same (open_clip's
+  ``convert_weights_to_lp``: linear and attention weights in fp16, layer norms in fp32). The
+  default ``"fp32"`` suits a CPU; its features differ from the release's by the fp16 rounding
+  (about 1e-3 relative), not by anything else.
+
+Weights: ``weights=None`` downloads ``open_clip_model.safetensors`` from the hub on first use
+(set ``HF_HUB_OFFLINE=1`` and place the file in the hub cache to work offline), or pass the path
+of a local copy (safetensors, or a ``torch.save`` state dict, read weights-only). Either way the
+features are computed once per caption and cached (``sopo_ext.models.text.CachedTextEncoder``).
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from ..models.text import TextEncoder
+
+__all__ = ["MDMClipEncoder", "CLIP_HUB_REPO", "CLIP_HUB_FILE", "mdm_text_encoder"]
+
+CLIP_HUB_REPO = "timm/vit_base_patch32_clip_224.openai"
+CLIP_HUB_FILE = "open_clip_model.safetensors"
+_INSTALL = "pip install open_clip_torch (or pip install 'sopo_ext[official]')"
+
+
+def _open_clip():
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError(f"the released MDM's text encoder (CLIP ViT-B/32) needs open_clip: {_INSTALL} ({e})") from e
+    return open_clip
+
+
+def _file_tag(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:12]
+
+
+class MDMClipEncoder(TextEncoder):
+    """Captions -> the release's CLIP features ``[N, 512]`` (see the module docstring).
+
+    ``text_cfg`` replaces the ViT-B/32 text tower's shape (``open_clip.model.CLIPTextCfg`` fields):
+    for tests with small random weights only."""
+
+    dim = 512
+
+    def __init__(self, weights: Optional[str] = None, precision: str = "fp32", context_length: int = 22,
+                 device: str = "cpu", batch_size: int = 256, text_cfg: Optional[dict] = None):
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be 'fp32' or 'fp16', got {precision!r}")
+        if not 2 < context_length < 77:
+            raise ValueError(f"context_length must be in (2, 77): the release uses 22, got {context_length}")
+        _open_clip()  # fail at construction, with the pip command, when the library is missing
+        self.weights = Path(weights) if weights is not None else None
+        if self.weights is not None and not self.weights.is_file():
+            raise FileNotFoundError(f"CLIP ViT-B/32 weights not found: {self.weights} (the release's text "
+                                    f"encoder; get {CLIP_HUB_FILE} from https://huggingface.co/{CLIP_HUB_REPO})")
+        self.precision, self.context_length, self.device = precision, context_length, device
+        self.batch_size, self.text_cfg = batch_size, text_cfg
+        source = "openai" if self.weights is None else f"file-{_file_tag(self.weights)}"
+        shape = "" if text_cfg is None else "-custom" + hashlib.sha256(repr(sorted(text_cfg.items())).encode()).hexdigest()[:8]
+        self.name = f"mdm-clip-vit-b32{shape}-{source}-ctx{context_length}-{precision}"
+        self._model = None
+        self._lock = threading.Lock()
+
+    # ---- tokens -------------------------------------------------------------------------------
+    def tokenize(self, captions: List[str]) -> torch.Tensor:
+        """``clip.tokenize(captions, context_length, truncate=True)`` zero-padded to 77 ``[N, 77]``."""
+        tok = _open_clip().get_tokenizer("ViT-B-32")
+        t = tok(captions, context_length=self.context_length)
+        return torch.cat([t, t.new_zeros(t.shape[0], 77 - self.context_length)], dim=1)
+
+    # ---- model --------------------------------------------------------------------------------
+    def _state_dict(self) -> dict:
+        if self.weights is None:
+            try:
+                from huggingface_hub import hf_hub_download
+                path = Path(hf_hub_download(CLIP_HUB_REPO, CLIP_HUB_FILE))
+            except Exception as e:  # offline, no cache, hub error: say what and where
+                raise FileNotFoundError(
+                    f"could not get CLIP ViT-B/32's weights ({CLIP_HUB_FILE} of "
+                    f"https://huggingface.co/{CLIP_HUB_REPO}): {type(e).__name__}: {e}. Download it "
+                    f"and pass its path as the text encoder's weights "
+                    f"('mdm-clip:/path/{CLIP_HUB_FILE}')") from None
+        else:
+            path = self.weights
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            state = load_file(str(path))
+        else:
+            from ..safe_load import load_weights
+            state = load_weights(path, what="CLIP weights")
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+        return {k: v for k, v in state.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
+
+    def build(self):
+        """The text tower with random weights (the shape of ViT-B/32's, or ``text_cfg``)."""
+        oc = _open_clip()
+        from open_clip.model import CLIPTextCfg, _build_text_tower
+        cfg = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
+        cfg.update(self.text_cfg or {})
+        return _build_text_tower(512, CLIPTextCfg(**cfg), quick_gelu=True)
+
+    def load(self):
+        with self._lock:
+            if self._model is None:
+                model = self.build()
+                state = self._state_dict()
+                missing, unexpected = model.load_state_dict(state, strict=False)
+                missing = [k for k in missing if k != "attn_mask"]
+                if missing or unexpected:
+                    raise ValueError(f"CLIP weights do not fit ViT-B/32's text tower: missing {missing[:3]}, "
+                                     f"unexpected {unexpected[:3]}")
+                if self.precision == "fp16":
+                    _open_clip().model.convert_weights_to_lp(model, torch.float16)
+                self._model = model.to(self.device).eval().requires_grad_(False)
+        return self._model
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.load()(tokens.to(self.device)).float()
+
+    def _encode(self, captions: List[str]) -> torch.Tensor:
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(captions), self.batch_size):
+                out.append(self.encode_tokens(self.tokenize(captions[i:i + self.batch_size])).cpu())
+        return torch.cat(out)
+
+
+def mdm_text_encoder(spec: str, **kw) -> MDMClipEncoder:
+    """``"mdm-clip"`` (weights from the hub) or ``"mdm-clip:/path/to/weights"``."""
+    head, _, path = spec.partition(":")
+    if head != "mdm-clip":
+        raise ValueError(f"not an MDM text encoder spec: {spec!r} (use 'mdm-clip' or 'mdm-clip:/path')")
+    return MDMClipEncoder(weights=path or None, **kw)
