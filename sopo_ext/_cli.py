@@ -81,7 +81,10 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls, renamed: Optional[
         kind = _base_type(hints[f.name])
         help_text = argparse.SUPPRESS if meta.get("cli") == "hidden" else meta["help"]
         if kind is bool:
-            if f.default:
+            if f.default is None:  # three states: --x, --no-x, or neither (decided elsewhere)
+                parser.add_argument(_flag(f.name), dest=f.name, default=None,
+                                    action=argparse.BooleanOptionalAction, help=help_text)
+            elif f.default:
                 parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
                                     action="store_false", help=help_text if help_text == argparse.SUPPRESS
                                     else f"do not: {help_text}")

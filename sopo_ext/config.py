@@ -69,8 +69,10 @@ class SoPoConfig:
     # ---- what is trained, on what ----------------------------------------------------------
     method: Optional[str] = _f(None, "default sopo; modipo = offline pairs of the frozen reference "
                                "(MoDiPO), formerly called diffusion-dpo", choices=sorted(METHODS))
-    backbone: str = _f("mdm", "the model kind: mdm (motion space) or mld (latent)",
-                       choices=("mdm", "mld"))
+    backbone: str = _f("mdm", "the model kind: mdm (motion space) or mld (latent), or "
+                       "mdm-official: the released MDM (GuyTevet/motion-diffusion-model; --base is its "
+                       "save directory or model*.pt, or a fine-tune of it)",
+                       choices=("mdm", "mld", "mdm-official"))
     preset: Optional[str] = _f(
         None, "official-loss: the official release's K=2, fresh noise per loss term, no CFG, "
         "50-step ancestral sampling (not its batch 64 / 196-frame padding / train-mode sampling); "
@@ -84,6 +86,12 @@ class SoPoConfig:
                                "geometric judge as the reward, a diagnostic upper bound")
     evaluator: Optional[str] = _f(None, "evaluator checkpoint (default: bundled; 'none' skips evaluation)")
     text_encoder: str = _f("minilm", "only used when the checkpoints do not name one")
+    clip_weights: Optional[str] = _f(None, "mdm-official: a local copy of CLIP ViT-B/32's weights "
+                                     "(open_clip_model.safetensors of timm/vit_base_patch32_clip_224.openai; "
+                                     "default: downloaded from the Hugging Face hub on first use)")
+    mask_frames: Optional[bool] = _f(None, "mdm-official: mask padded frames in attention (default: "
+                                     "what the release's args.json says; the paper's humanml_trans_enc_512 "
+                                     "does not mask, its 50-step models do)")
     out: Optional[str] = _f(None, "output directory (default runs/train-<method>-<backbone>)")
 
     # ---- the preference step ---------------------------------------------------------------

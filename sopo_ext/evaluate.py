@@ -29,6 +29,7 @@ replications of 1000 samples.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -41,6 +42,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import metrics
+from .models import family
 from ._cli import command_line, resolve_device, run_cli
 from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
@@ -91,8 +93,16 @@ def run(args) -> Dict[str, Dict[str, float]]:
     root = resolve_data_root(args.data)
     split = HumanML3D(root, args.split, seed=args.seed, max_len=args.max_len)
     what = f"the dataset at {root}"
-    base = ckpt_io.load_checkpoint(args.ckpt)
-    if base.kind not in ("mdm", "mld"):
+    from .official.release import is_mdm_release, load_mdm_release
+    if is_mdm_release(args.ckpt):  # a released MDM save directory (or its model*.pt)
+        base = load_mdm_release(args.ckpt, mask_frames=args.mask_frames)
+    else:
+        base = ckpt_io.load_checkpoint(args.ckpt)
+        if args.mask_frames is not None:
+            if base.kind != "mdm_official":
+                raise ValueError(f"--mask-frames is a released MDM's switch; {args.ckpt} is a {base.kind!r} model")
+            base.model.config = base.config = dataclasses.replace(base.config, mask_frames=args.mask_frames)
+    if family(base) not in ("mdm", "mld"):
         raise ValueError(f"--ckpt must be an 'mdm' or 'mld' backbone, got a {base.kind!r} checkpoint")
     ckpt_io.check_normalization(base, split.mean, split.std_safe, what=what)
     ev = ckpt_io.load_checkpoint(args.evaluator, "evaluator")
@@ -106,7 +116,7 @@ def run(args) -> Dict[str, Dict[str, float]]:
     if args.reward != "none":
         rw = ckpt_io.load_checkpoint(args.reward, "tmr")
         ckpt_io.check_normalization(rw, split.mean, split.std_safe, what=what)
-    also = []
+    also, also_ckpts = [], []
     for name in args.also_reward:
         if is_oracle(name) or name == "none":
             raise ValueError(f"--also-reward {name!r}: give a reward model (a bundled name or a "
@@ -114,9 +124,20 @@ def run(args) -> Dict[str, Dict[str, float]]:
         extra = ckpt_io.load_checkpoint(name, "tmr")
         ckpt_io.check_normalization(extra, split.mean, split.std_safe, what=what)
         also.append((name, extra.model.to(device).eval()))
+        also_ckpts.append((extra, name))
     from .models.text import get_text_encoder
-    enc = get_text_encoder(base.meta.get("text_encoder") or args.text_encoder)
-    batcher = MotionTextBatches(split, enc, batch_size=32, seed=args.seed, drop_last=False)
+    from .trainer import backbone_text_spec
+    enc = get_text_encoder(backbone_text_spec(base.meta.get("text_encoder") or args.text_encoder, args.clip_weights))
+    # the reward's own text encoder when it is not the backbone's (a released MDM reads CLIP)
+    reward_names = {c.meta.get("text_encoder") for c in [rw] + [x for x, _ in also_ckpts] if c is not None} - {None}
+    if len(reward_names) > 1:
+        raise ValueError(f"--reward and --also-reward use different text encoders {sorted(reward_names)}: "
+                         f"evaluate them in separate runs")
+    reward_enc, base_name = enc, base.meta.get("text_encoder")
+    if reward_names and base_name is not None and base_name not in reward_names:
+        reward_enc = get_text_encoder(reward_names.pop())
+    batcher = MotionTextBatches(split, enc, batch_size=32, seed=args.seed, drop_last=False,
+                                reward_text_encoder=reward_enc if reward_enc is not enc else None)
     model, diffusion = base.model.to(device).eval(), diffusion_from_meta(base.meta)
     evaluator = ev.model.to(device).eval()
     reward = rw.model.to(device).eval() if rw else None
@@ -135,11 +156,11 @@ def run(args) -> Dict[str, Dict[str, float]]:
         if specs is not None:
             m.update(judged_accuracy(gen, batches, specs, split.mean, split.std_safe))
         if reward is not None:
-            m.update(reward_detail_accuracy(reward, batches, enc, gen))
-            m.update({f"real {k}": v for k, v in reward_detail_accuracy(reward, batches, enc).items()})
+            m.update(reward_detail_accuracy(reward, batches, reward_enc, gen))
+            m.update({f"real {k}": v for k, v in reward_detail_accuracy(reward, batches, reward_enc).items()})
         for name, extra in also:
             m[f"reward [{name}]"] = float(np.nanmean(reward_of_split(extra, batches, gen)))
-            m.update({f"{k} [{name}]": v for k, v in reward_detail_accuracy(extra, batches, enc, gen).items()})
+            m.update({f"{k} [{name}]": v for k, v in reward_detail_accuracy(extra, batches, reward_enc, gen).items()})
         for k, v in m.items():
             per_rep.setdefault(k, []).append(v)
         print(f"[evaluate] replication {r + 1}/{args.replications}: " + ", ".join(
@@ -176,6 +197,10 @@ def parse_args(argv=None):
       help="also score the generated motions with this reward model (repeatable): its mean reward "
            "and detail accuracy / margin, keys suffixed ' [NAME]'")
     a("--text-encoder", default="minilm")
+    a("--clip-weights", default=None, help="a released MDM's CLIP ViT-B/32 weights, a local file "
+      "(default: downloaded from the Hugging Face hub on first use)")
+    a("--mask-frames", default=None, action=argparse.BooleanOptionalAction,
+      help="a released MDM: mask padded frames in attention (default: as its args.json says)")
     a("--replications", type=int, default=3)
     a("--samples", type=int, default=None, help="first N samples of the split per replication")
     a("--steps", type=int, default=50, help="DDIM steps")

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import metrics
+from .data.batches import reward_text
 from .sampling import generate
 
 __all__ = ["embed_split", "retrieval_metrics", "generate_split", "generation_metrics",
@@ -47,7 +48,7 @@ def embed_split(model, batches: Sequence[dict], motions: Optional[Sequence[torch
         if getattr(model, "kind", None) == "evaluator":
             texts.append(model.encode_text(b["tokens"]).float().cpu())
         else:
-            texts.append(model.encode_text(b["text_emb"].to(dev)).float().cpu())
+            texts.append(model.encode_text(reward_text(b).to(dev)).float().cpu())
         motion_embs.append(model.encode_motion(x, m).float().cpu())
     return torch.cat(texts), torch.cat(motion_embs)
 
@@ -98,6 +99,7 @@ def reward_detail_accuracy(reward, batches: Sequence[dict], text_encoder,
                            motions: Optional[Sequence[torch.Tensor]] = None) -> Dict[str, float]:
     """The reward model's grip on details: how often it scores a motion higher with its own
     caption than with a near miss (one detail word swapped), and the median score margin.
+    ``text_encoder`` is the reward's own (it embeds the near misses).
 
     SoPo only uses an unpreferred sample when its reward is below tau; if a motion with the
     wrong hand scores almost as high as with the right one, no detail error can ever cross tau.
@@ -116,7 +118,7 @@ def reward_detail_accuracy(reward, batches: Sequence[dict], text_encoder,
         x = (motions[i] if motions is not None else b["motion"]).to(dev)
         m = reward.encode_motion(x, b["mask"].to(dev))
         idx = torch.as_tensor(owner, device=dev)
-        t_true = reward.encode_text(b["text_emb"].to(dev))[idx]
+        t_true = reward.encode_text(reward_text(b).to(dev))[idx]
         t_swap = reward.encode_text(text_encoder.encode(swapped).to(dev))
         margins.append((reward.score(t_true, m[idx]) - reward.score(t_swap, m[idx])).float().cpu())
     if not margins:
@@ -186,7 +188,7 @@ def reward_of_split(reward, batches: Sequence[dict],
     out = []
     for i, b in enumerate(batches):
         x = motions[i] if motions is not None else b["motion"]
-        out.append(reward.score_motions(b["text_emb"], x, b["mask"], b["ids"], 1).float().cpu())
+        out.append(reward.score_motions(reward_text(b), x, b["mask"], b["ids"], 1).float().cpu())
     return torch.cat(out).numpy().astype(np.float64)
 
 

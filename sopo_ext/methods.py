@@ -75,6 +75,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as SF
+from .data.batches import reward_text
 from .diffusion import GaussianDiffusion, repeat_interleave_batch
 from .profiling import phase
 from .reference import masked_mse
@@ -190,7 +191,8 @@ class PreferenceStep:
         self.policy, self.reference, self.diffusion, self.reward = policy, reference, diffusion, reward
         self.cfg = config
         self.spec = METHODS[config.method]
-        self.kind = _unwrap(policy).kind
+        from .models import family
+        self.kind = family(_unwrap(policy))  # "mdm" or "mld": the space the step works in
         if self.kind not in ("mdm", "mld"):
             raise ValueError(f"the policy must be an 'mdm' or 'mld' backbone, got {self.kind!r}")
         self.prediction = _unwrap(policy).prediction
@@ -322,7 +324,7 @@ class PreferenceStep:
             te, m = batch["text_emb"][i:i + 1], batch["mask"][i:i + 1, :n]
             x, motions, mk = self.sample(self.reference, te, m, self.cfg.k, generator_for_index(idx))
             ids = [batch["ids"][i]] if "ids" in batch else None
-            scores, g_lat = self.score(te, motions, mk, self.cfg.k, ids)
+            scores, g_lat = self.score(reward_text(batch)[i:i + 1], motions, mk, self.cfg.k, ids)
             sel = _finite_selection(scores, g_lat, self.cfg.tau)
             if not bool(sel.usable[0]):  # generated once per sample: this read-back is not per step
                 raise FloatingPointError(f"every one of the K={self.cfg.k} reference samples of dataset "
@@ -369,7 +371,7 @@ class PreferenceStep:
                 x_gen, motions, mask_k = self.sample(self.policy, text, mask, cfg.k, generator,
                                                      batch.get("lengths"))
             with phase("reward"):
-                scores, g_lat = self.score(text, motions, mask_k, cfg.k, batch.get("ids"))
+                scores, g_lat = self.score(reward_text(batch), motions, mask_k, cfg.k, batch.get("ids"))
             with phase("selection"):
                 sel = _finite_selection(scores, g_lat, cfg.tau)
                 x_gen = x_gen.view(B, cfg.k, *x_gen.shape[1:])

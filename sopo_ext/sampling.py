@@ -44,7 +44,8 @@ def generate(model, diffusion: GaussianDiffusion, text_emb: torch.Tensor, mask: 
                          f"got {tuple(mask.shape)}")
     kw = dict(steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
               generator=generator)
-    kind = getattr(model, "kind", None)
+    from .models import family
+    kind = family(model)
     if kind == "mdm":
         shape = noise if noise is not None else (mask.shape[0], mask.shape[1], model.config.nfeats)
         return diffusion.sample(model, shape, text_emb, mask, **kw)  # zero at padded frames

@@ -38,6 +38,7 @@ from .data.batches import MotionTextBatches
 from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
 from .methods import PreferenceStep, StepConfig
+from .models import family
 from .optim import make_adamw, rng_state, set_rng_state, warmup_cosine
 from .profiling import phase, phase_times, reset_phase_times
 from .rewards import OracleReward, is_oracle, oracle_embeddings
@@ -121,6 +122,17 @@ def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float)
             lines.append(f"{key:24s} {a:9.4f} {b:11.4f} {b - a:+9.4f}")
     return "\n".join(lines)
 
+
+
+def backbone_text_spec(name: str, clip_weights: Optional[str] = None) -> str:
+    """The text encoder a backbone names, with ``--clip-weights`` for the released MDM's CLIP."""
+    if name == "mdm-clip" and clip_weights:
+        return f"mdm-clip:{clip_weights}"
+    if name == "mdm-bert":
+        raise ConfigError("backbone", "the released DistilBERT MDM (humanml_trans_dec_512_bert) "
+                          "conditions on per-token features, which the trainer's cached caption "
+                          "embeddings do not hold yet; use a CLIP release (humanml_trans_enc_512)")
+    return name
 
 # ------------------------------------------------------------------------------------ trainer
 def cpu_has_native_bf16() -> bool:
@@ -225,7 +237,17 @@ class SoPoTrainer:
         ``self.reward``, ``self.evaluator`` (None: no evaluation), ``self.text_encoder``,
         ``self.diffusion``."""
         cfg, device = self.config, self.device
-        self.base = self._checkpoint(self._given["base"], cfg.base, cfg.backbone, cfg.backbone)
+        if cfg.backbone == "mdm-official":  # the released MDM: its save directory, or a fine-tune of it
+            from .official.release import load_official_backbone
+            given = self._given["base"]
+            self.base = given if isinstance(given, ckpt_io.Checkpoint) else load_official_backbone(
+                given or cfg.base, mask_frames=cfg.mask_frames)
+            if self.base.kind != "mdm_official":
+                raise ckpt_io.CheckpointError(f"--backbone mdm-official: {self.base.path} holds a "
+                                              f"{self.base.kind!r} model")
+            ckpt_io.check_normalization(self.base, self.mean, self.std, what=f"the dataset at {self.data_root}")
+        else:
+            self.base = self._checkpoint(self._given["base"], cfg.base, cfg.backbone, cfg.backbone)
         # "oracle" or "oracle:<reward checkpoint>": the judge scores, that reward embeds
         oracle = self._given["reward"] is None and is_oracle(cfg.reward)
         if oracle and self.judged is None:
@@ -237,18 +259,21 @@ class SoPoTrainer:
         skip = (self._given["evaluator"] or cfg.evaluator) == "none"
         evaluator_c = None if skip else self._checkpoint(self._given["evaluator"], cfg.evaluator,
                                                         "evaluator", "evaluator")
+        self.reward_text_encoder = None  # None: the reward reads the backbone's caption embeddings
         if self._given["text_encoder"] is not None:
             self.text_encoder = self._given["text_encoder"]
         else:
             from .models.text import get_text_encoder
-            names = {self.base.meta.get("text_encoder"), reward_c.meta.get("text_encoder")} - {None}
-            if len(names) > 1:
-                raise ValueError(f"the base model and the reward model use different text encoders: {sorted(names)}")
-            self.text_encoder = get_text_encoder(names.pop() if names else cfg.text_encoder)
+            base_name, reward_name = self.base.meta.get("text_encoder"), reward_c.meta.get("text_encoder")
+            self.text_encoder = get_text_encoder(backbone_text_spec(base_name or reward_name or cfg.text_encoder,
+                                                                    cfg.clip_weights))
+            if reward_name is not None and base_name is not None and reward_name != base_name:
+                # e.g. a released MDM reads CLIP features, the bundled reward MiniLM ones
+                self.reward_text_encoder = get_text_encoder(reward_name)
         self.diffusion = diffusion_from_meta(self.base.meta)
         self.policy = self.base.model.to(device)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        if self.base.kind == "mld":  # SoPo tunes the latent denoiser; the VAE stays as pretrained
+        if family(self.base) == "mld":  # SoPo tunes the latent denoiser; the VAE stays as pretrained
             self.policy.vae.requires_grad_(False)
         self.reward = reward_c.model.to(device).eval().requires_grad_(False)
         if oracle:  # embeddings (reweighting, evaluation) from the bundled reward, scores from the judge
@@ -265,9 +290,10 @@ class SoPoTrainer:
             raise ValueError(f"--batch-size {cfg.batch_size} must be divisible by the number of "
                              f"processes {self.dist.world}")
         self.batches = MotionTextBatches(self.train_set, self.text_encoder, batch_size=cfg.batch_size,
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, reward_text_encoder=self.reward_text_encoder)
         self.test_batches = MotionTextBatches(self.test_set, self.text_encoder, batch_size=32,
-                                              seed=cfg.seed, drop_last=False).eval_batches(32)
+                                              seed=cfg.seed, drop_last=False,
+                                              reward_text_encoder=self.reward_text_encoder).eval_batches(32)
         if cfg.eval_samples:
             self.test_batches = self.test_batches[:max(1, math.ceil(cfg.eval_samples / 32))]
 

@@ -10,7 +10,7 @@ open_clip = pytest.importorskip("open_clip")
 
 from sopo_ext.official.text import CLIP_HUB_REPO, MDMClipEncoder, mdm_text_encoder  # noqa: E402
 
-TINY = dict(width=32, heads=2, layers=2)
+TINY = dict(width=64, heads=1, layers=2)  # the shape the encoder reads off the weights
 
 
 @pytest.fixture(scope="module")

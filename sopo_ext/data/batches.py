@@ -18,15 +18,23 @@ import torch
 
 from .humanml3d import HumanML3D, collate_motions
 
-__all__ = ["MotionTextBatches"]
+__all__ = ["MotionTextBatches", "reward_text"]
+
+
+def reward_text(batch: dict) -> torch.Tensor:
+    """The caption embeddings the reward reads: ``reward_text_emb`` when the batch has them (the
+    reward's text encoder is not the backbone's), else ``text_emb``."""
+    return batch["reward_text_emb"] if "reward_text_emb" in batch else batch["text_emb"]
 
 
 class MotionTextBatches:
     """Batches of a split. ``text_encoder`` is any object with ``encode(list[str]) -> [N, D]``
-    (``None``: batches carry no ``text_emb``)."""
+    (``None``: batches carry no ``text_emb``). ``reward_text_encoder``: the reward model's, when
+    it is not the backbone's (a released MDM reads CLIP features, the bundled reward MiniLM ones):
+    batches then also carry ``reward_text_emb``, which the reward reads instead of ``text_emb``."""
 
     def __init__(self, dataset: HumanML3D, text_encoder=None, *, batch_size: int = 32,
-                 seed: int = 0, drop_last: bool = True):
+                 seed: int = 0, drop_last: bool = True, reward_text_encoder=None):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if drop_last and len(dataset) < batch_size:
@@ -36,10 +44,18 @@ class MotionTextBatches:
         self.text_encoder = text_encoder
         self._row: Dict[str, int] = {}
         self.text_table: Optional[torch.Tensor] = None
-        if text_encoder is not None:
+        self.reward_text_encoder = None
+        self.reward_text_table: Optional[torch.Tensor] = None
+        if reward_text_encoder is not None and (text_encoder is None or getattr(reward_text_encoder, "name", None)
+                                                != getattr(text_encoder, "name", None)):
+            self.reward_text_encoder = reward_text_encoder
+        if text_encoder is not None or self.reward_text_encoder is not None:
             captions = sorted({c.text for s in dataset.samples for c in s.captions})
             self._row = {c: i for i, c in enumerate(captions)}
+        if text_encoder is not None:
             self.text_table = text_encoder.encode(captions).to(torch.float32)
+        if self.reward_text_encoder is not None:
+            self.reward_text_table = self.reward_text_encoder.encode(captions).to(torch.float32)
 
     # ------------------------------------------------------------------ order
     @property
@@ -60,13 +76,17 @@ class MotionTextBatches:
         return int(step) // self.batches_per_epoch
 
     # ------------------------------------------------------------------ content
-    def embed(self, captions: Sequence[str]) -> torch.Tensor:
-        if self.text_table is None:
-            raise RuntimeError("MotionTextBatches was built without a text encoder")
+    def embed(self, captions: Sequence[str], reward: bool = False) -> torch.Tensor:
+        """The captions' embeddings by the backbone's text encoder (``reward``: the reward's)."""
+        table, enc = ((self.reward_text_table, self.reward_text_encoder) if reward
+                      else (self.text_table, self.text_encoder))
+        if table is None:
+            raise RuntimeError("MotionTextBatches was built without " + ("a separate reward text encoder"
+                                                                          if reward else "a text encoder"))
         rows = [self._row.get(c) for c in captions]
         if any(r is None for r in rows):
-            return self.text_encoder.encode(list(captions)).to(torch.float32)
-        return self.text_table[torch.as_tensor(rows, dtype=torch.long)]
+            return enc.encode(list(captions)).to(torch.float32)
+        return table[torch.as_tensor(rows, dtype=torch.long)]
 
     def collate(self, indices: Sequence[int], epoch: int = 0) -> dict:
         """The batch of these dataset indices with the captions of ``epoch``."""
@@ -75,6 +95,8 @@ class MotionTextBatches:
         batch["indices"] = torch.as_tensor(list(indices), dtype=torch.long)
         if self.text_table is not None:
             batch["text_emb"] = self.embed(batch["captions"])
+        if self.reward_text_table is not None:
+            batch["reward_text_emb"] = self.embed(batch["captions"], reward=True)
         return batch
 
     def batch(self, step: int) -> dict:

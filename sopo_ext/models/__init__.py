@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import Tuple
 
-__all__ = ["KINDS", "model_classes", "build_model"]
+__all__ = ["KINDS", "model_classes", "build_model", "family"]
 
 #: kind -> (submodule, config class, model class)
 KINDS = {
@@ -42,6 +42,14 @@ def model_classes(kind: str) -> Tuple[type, type]:
     module, cfg, cls = KINDS[kind]
     mod = importlib.import_module(module if "." in module else f"{__name__}.{module}")
     return getattr(mod, cfg), getattr(mod, cls)
+
+
+def family(model) -> "str | None":
+    """The backbone family of a model (or a loaded Checkpoint): "mdm" (denoises frames-major
+    motion ``[B, T, F]``) or "mld" (denoises a VAE latent). A released architecture
+    (``sopo_ext.official``) has its own ``kind`` and says its family; the built-in ones are their kind."""
+    model = getattr(model, "model", model)
+    return getattr(model, "family", getattr(model, "kind", None))
 
 
 def build_model(kind: str, config=None, **overrides):

@@ -426,8 +426,11 @@ def get_text_encoder(name: str = "minilm", cache_dir: Union[str, os.PathLike, No
         raise ValueError(f"name must be a str, one of {', '.join(ENCODER_CHOICES)}; got {name!r}")
     key = name.strip().lower()
     match = _HASH_NAME_RE.match(key)
-    if key in ("minilm", MiniLMEncoder.name.lower()):
-        encoder: TextEncoder = MiniLMEncoder(**kw)
+    if key.startswith("mdm-clip"):  # the released MDM's CLIP ViT-B/32 (sopo_ext.official.text)
+        from ..official.text import mdm_text_encoder
+        encoder: TextEncoder = mdm_text_encoder(name.strip(), **kw)
+    elif key in ("minilm", MiniLMEncoder.name.lower()):
+        encoder = MiniLMEncoder(**kw)
     elif key == "hash":
         encoder = HashEncoder(**kw)
     elif match:

@@ -56,9 +56,10 @@ TEXT_ENCODERS = {"clip": 512, "bert": 768}  # the release's clip_dim for each
 
 @dataclass
 class OfficialMDMConfig:
-    """The release's ``args.json`` fields that shape the model (names as there)."""
-    njoints: int = 263
-    nfeats: int = 1
+    """The release's ``args.json`` fields that shape the model (names as there, but for
+    ``nfeats``: the features per frame, 263 for HumanML3D, which the release calls ``njoints``
+    with its own ``nfeats = 1``)."""
+    nfeats: int = 263
     latent_dim: int = 512
     ff_size: int = 1024
     num_layers: int = 8  # args.json: "layers"
@@ -74,7 +75,7 @@ class OfficialMDMConfig:
     max_frames: int = 196  # HumanML3D's longest clip; the release pads batches to it
 
     def __post_init__(self):
-        for name in ("njoints", "nfeats", "latent_dim", "ff_size", "num_layers", "num_heads",
+        for name in ("nfeats", "latent_dim", "ff_size", "num_layers", "num_heads",
                      "pos_embed_max_len", "max_frames"):
             require_positive_int(name, getattr(self, name))
         require_divisible("latent_dim", self.latent_dim, "num_heads", self.num_heads)
@@ -98,7 +99,7 @@ class OfficialMDMConfig:
 
     @property
     def input_feats(self) -> int:
-        return self.njoints * self.nfeats
+        return self.nfeats
 
 
 class PositionalEncoding(nn.Module):
@@ -187,7 +188,7 @@ class OfficialMDM(nn.Module):
             self.seqTransDecoder = nn.TransformerDecoder(layer, num_layers=c.num_layers)
         self.embed_timestep = TimestepEmbedder(c.latent_dim, self.sequence_pos_encoder)
         self.embed_text = nn.Linear(c.clip_dim, c.latent_dim)
-        self.output_process = OutputProcess(c.input_feats, c.latent_dim, c.njoints, c.nfeats)
+        self.output_process = OutputProcess(c.input_feats, c.latent_dim, c.nfeats, 1)
 
     # ---- the release's forward ----------------------------------------------------------------
     def mask_cond(self, cond: Tensor, force_mask: Union[bool, Tensor] = False) -> Tensor:
@@ -251,9 +252,9 @@ class OfficialMDM(nn.Module):
     # ---- the package's backbone interface -------------------------------------------------------
     def forward(self, x_t: Tensor, t: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor] = None,
                 uncond: Optional[Tensor] = None) -> Tensor:
-        """``x_t [B, T, njoints*nfeats]``, ``t [B]``, ``text_emb [B, 512]`` (the CLIP features of
+        """``x_t [B, T, nfeats]``, ``t [B]``, ``text_emb [B, 512]`` (the CLIP features of
         each caption; None = unconditional), ``mask [B, T]`` bool, ``uncond [B]`` bool -> x0
-        ``[B, T, njoints*nfeats]``. The DistilBERT variant needs per-token features: call
+        ``[B, T, nfeats]``. The DistilBERT variant needs per-token features: call
         :meth:`forward_official`."""
         c = self.config
         check_motion(x_t, c.input_feats, "x_t", c.max_frames)
@@ -272,7 +273,7 @@ class OfficialMDM(nn.Module):
         m = torch.ones(batch, frames, dtype=torch.bool, device=x_t.device) if mask is None else mask.bool()
         y = {"text_embed": text_emb.unsqueeze(0), "mask": m[:, None, None, :],
              "uncond": uncond if uncond is not None else False}
-        x = x_t.permute(0, 2, 1).reshape(batch, c.njoints, c.nfeats, frames)
+        x = x_t.permute(0, 2, 1).unsqueeze(2)  # [B, 263, 1, T]
         out = self.forward_official(x, t, y)
         return out.reshape(batch, c.input_feats, frames).permute(0, 2, 1)
 

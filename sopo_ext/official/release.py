@@ -20,7 +20,7 @@ from ..safe_load import load_weights
 from .mdm import OfficialMDM, OfficialMDMConfig
 
 __all__ = ["MDM_RELEASES", "find_mdm_release", "mdm_config_from_args", "load_mdm_release",
-           "is_mdm_release"]
+           "is_mdm_release", "load_official_backbone"]
 
 PathLike = Union[str, Path]
 
@@ -84,7 +84,7 @@ def mdm_config_from_args(args: dict, mask_frames: Optional[bool] = None) -> Offi
         raise CheckpointError("args.json: a prefix-completion / target-conditioned model (DiP); "
                               "only the text-to-motion MDM releases are supported")
     return OfficialMDMConfig(
-        njoints=_NJOINTS[a["dataset"]], nfeats=1, latent_dim=int(a["latent_dim"]),
+        nfeats=_NJOINTS[a["dataset"]], latent_dim=int(a["latent_dim"]),
         ff_size=int(a.get("ff_size", 1024)), num_layers=int(a["layers"]), num_heads=4,
         dropout=0.1, activation="gelu", arch=a["arch"], emb_trans_dec=bool(a["emb_trans_dec"]),
         text_encoder_type=a["text_encoder_type"], cond_mask_prob=float(a["cond_mask_prob"]),
@@ -153,3 +153,21 @@ def load_mdm_release(path: PathLike, *, mask_frames: Optional[bool] = None, use_
             "official": "GuyTevet/motion-diffusion-model"}
     return Checkpoint(model=model, kind=OfficialMDM.kind, config=config, meta=meta, path=pt.parent)
 
+
+
+def load_official_backbone(spec: PathLike, *, mask_frames: Optional[bool] = None,
+                           map_location="cpu") -> Checkpoint:
+    """``--backbone mdm-official --base SPEC``: a released save directory (or its ``.pt``), or a
+    fine-tune of one saved by this package (kind ``mdm_official``)."""
+    from ..checkpoint import load_checkpoint
+    if spec is None:
+        raise FileNotFoundError(f"--backbone mdm-official needs --base: a released MDM save directory "
+                                f"(args.json and model<step>.pt) or its .pt; download one from {MDM_RELEASES}")
+    if is_mdm_release(spec):
+        return load_mdm_release(spec, mask_frames=mask_frames, map_location=map_location)
+    p = Path(spec)
+    if not p.exists():
+        raise FileNotFoundError(f"--base {p} not found: give a released MDM save directory (args.json "
+                                f"and model<step>.pt; {MDM_RELEASES}) or a fine-tune saved by sopo_ext")
+    overrides = None if mask_frames is None else {"mask_frames": bool(mask_frames)}
+    return load_checkpoint(p, OfficialMDM.kind, map_location=map_location, config_overrides=overrides)

@@ -59,8 +59,8 @@ def _file_tag(path: Path) -> str:
 class MDMClipEncoder(TextEncoder):
     """Captions -> the release's CLIP features ``[N, 512]`` (see the module docstring).
 
-    ``text_cfg`` replaces the ViT-B/32 text tower's shape (``open_clip.model.CLIPTextCfg`` fields):
-    for tests with small random weights only."""
+    The tower's shape is read off the weights (ViT-B/32's: width 512, 12 layers, 8 heads);
+    ``text_cfg`` (``open_clip.model.CLIPTextCfg`` fields) overrides it."""
 
     dim = 512
 
@@ -113,19 +113,27 @@ class MDMClipEncoder(TextEncoder):
             state = state.get("state_dict", state) if isinstance(state, dict) else state
         return {k: v for k, v in state.items() if not k.startswith("visual.") and k not in ("logit_scale", "logit_bias")}
 
-    def build(self):
-        """The text tower with random weights (the shape of ViT-B/32's, or ``text_cfg``)."""
-        oc = _open_clip()
+    def build(self, state: Optional[dict] = None):
+        """The text tower with random weights: ViT-B/32's shape, the shape of the weights in
+        ``state`` (CLIP's heads are 64 wide), or ``text_cfg``."""
+        _open_clip()
         from open_clip.model import CLIPTextCfg, _build_text_tower
         cfg = dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12)
+        if state is not None and "token_embedding.weight" in state:
+            vocab, width = state["token_embedding.weight"].shape
+            layers = len({k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")})
+            cfg.update(vocab_size=int(vocab), width=int(width), heads=max(1, int(width) // 64), layers=layers,
+                       context_length=int(state["positional_embedding"].shape[0]))
         cfg.update(self.text_cfg or {})
+        if cfg["context_length"] != 77:
+            raise ValueError(f"CLIP's context is 77 tokens; these weights have {cfg['context_length']}")
         return _build_text_tower(512, CLIPTextCfg(**cfg), quick_gelu=True)
 
     def load(self):
         with self._lock:
             if self._model is None:
-                model = self.build()
                 state = self._state_dict()
+                model = self.build(state)
                 missing, unexpected = model.load_state_dict(state, strict=False)
                 missing = [k for k in missing if k != "attn_mask"]
                 if missing or unexpected:

@@ -1,0 +1,103 @@
+"""The released MDM in the package's jobs: python -m sopo_ext.train --backbone mdm-official
+--base <save directory in the release's format> and python -m sopo_ext.evaluate on it, on the tiny
+data; the reward keeps its own text encoder while the backbone reads CLIP features."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip")
+
+from sopo_ext import checkpoint as C  # noqa: E402
+from sopo_ext import evaluate, train  # noqa: E402
+from sopo_ext.official.mdm import OfficialMDM  # noqa: E402
+from sopo_ext.official.release import load_mdm_release, mdm_config_from_args  # noqa: E402
+
+ARGS = {"dataset": "humanml", "arch": "trans_enc", "latent_dim": 32, "layers": 1, "diffusion_steps": 50,
+        "noise_schedule": "cosine", "cond_mask_prob": 0.1, "pos_embed_max_len": 1000,
+        "text_encoder_type": "clip", "emb_trans_dec": False, "mask_frames": False}
+
+
+def make_release(d, args=ARGS, seed=0):
+    """A save directory as the release writes it: args.json and model<step>.pt (state dict
+    without CLIP, the positional tables included)."""
+    d.mkdir(parents=True)
+    (d / "args.json").write_text(json.dumps(args))
+    torch.manual_seed(seed)
+    model = OfficialMDM(mdm_config_from_args(args))
+    torch.save(model.state_dict(), d / "model000050000.pt")
+    return d
+
+
+@pytest.fixture(scope="module")
+def official(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("official")
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    tower = _build_text_tower(512, CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
+                              quick_gelu=True)
+    clip = root / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items() if k != "attn_mask"}, str(clip))
+    return {**tiny_assets, "release": make_release(root / "save" / "humanml_tiny"), "clip": clip}
+
+
+def targv(a, out, *extra):
+    return ["--backbone", "mdm-official", "--base", str(a["release"]), "--clip-weights", str(a["clip"]),
+            "--data", str(a["data"]), "--reward", str(a["reward"]), "--evaluator", str(a["evaluator"]),
+            "--out", str(out), "--steps", "2", "--batch-size", "4", "--k", "2", "--sampling-steps", "2",
+            "--warmup", "1", "--eval-samples", "32", "--eval-steps", "2", "--no-animation", "--no-progress",
+            "--threads", "1", *extra]
+
+
+def test_train_fine_tunes_the_released_mdm_and_evaluate_reads_both(official, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main(targv(official, out)) == 0, capsys.readouterr().err
+    tuned = C.load_checkpoint(out / "model", "mdm_official")
+    assert isinstance(tuned.model, OfficialMDM) and tuned.meta["text_encoder"] == "mdm-clip"
+    base = load_mdm_release(official["release"]).model
+    moved = [k for k, v in tuned.model.state_dict().items() if not torch.equal(v, base.state_dict()[k])]
+    assert moved and all("pe" not in k for k in moved)  # trained, the fixed tables untouched
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and "R-precision top1" in summary["after"]
+    capsys.readouterr()
+    for ckpt in (out / "model", official["release"]):  # the fine-tune, and the release itself
+        j = tmp_path / f"eval-{ckpt.name}.json"
+        rc = evaluate.main(["--ckpt", str(ckpt), "--clip-weights", str(official["clip"]), "--data",
+                            str(official["data"]), "--evaluator", str(official["evaluator"]), "--reward",
+                            str(official["reward"]), "--samples", "32", "--steps", "2", "--mm-captions", "0",
+                            "--replications", "1", "--json", str(j), "--threads", "1"])
+        assert rc == 0, capsys.readouterr().err
+        s = json.loads(j.read_text())["summary"]
+        assert 0 <= s["R-precision top1"]["mean"] <= 1 and 0 <= s["reward detail accuracy"]["mean"] <= 1
+
+
+def test_the_reward_reads_its_own_text_encoder(official, tmp_path):
+    from sopo_ext.trainer import Dist, SoPoTrainer
+    from sopo_ext.config import SoPoConfig
+    cfg = SoPoConfig(backbone="mdm-official", base=str(official["release"]), clip_weights=str(official["clip"]),
+                     data=str(official["data"]), reward=str(official["reward"]), evaluator="none",
+                     out=str(tmp_path / "t"), steps=1, batch_size=4, k=2, sampling_steps=2, warmup=0,
+                     progress=False, animation=False)
+    t = SoPoTrainer(cfg)
+    t.dist = Dist("cpu")
+    try:
+        t.setup()
+    finally:
+        t.dist.close()
+    b = t.batches.batch(0)
+    assert b["text_emb"].shape[1] == 512 and b["reward_text_emb"].shape[1] == 64  # CLIP / hash
+    assert t.text_encoder.name.startswith("mdm-clip") and t.reward_text_encoder.name.startswith("hash")
+    torch.testing.assert_close(b["reward_text_emb"], t.reward_text_encoder.encode(b["captions"]))
+
+
+def test_mask_frames_and_missing_base_are_clear(official, tmp_path, capsys):
+    assert train.main(targv(official, tmp_path / "m", "--mask-frames", "--stop-after", "1")) == 0
+    ck = C.load_checkpoint(tmp_path / "m" / "last", "mdm_official")
+    assert ck.config.mask_frames is True
+    a = targv(official, tmp_path / "x")
+    a[a.index("--base") + 1] = str(tmp_path / "nowhere")
+    assert train.main(a) == 2
+    assert "motion-diffusion-model" in capsys.readouterr().err
