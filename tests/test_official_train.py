@@ -13,34 +13,15 @@ pytest.importorskip("open_clip")
 from sopo_ext import checkpoint as C  # noqa: E402
 from sopo_ext import evaluate, train  # noqa: E402
 from sopo_ext.official.mdm import OfficialMDM  # noqa: E402
-from sopo_ext.official.release import load_mdm_release, mdm_config_from_args  # noqa: E402
+from sopo_ext.official.release import load_mdm_release  # noqa: E402
 
-ARGS = {"dataset": "humanml", "arch": "trans_enc", "latent_dim": 32, "layers": 1, "diffusion_steps": 50,
-        "noise_schedule": "cosine", "cond_mask_prob": 0.1, "pos_embed_max_len": 1000,
-        "text_encoder_type": "clip", "emb_trans_dec": False, "mask_frames": False}
-
-
-def make_release(d, args=ARGS, seed=0):
-    """A save directory as the release writes it: args.json and model<step>.pt (state dict
-    without CLIP, the positional tables included)."""
-    d.mkdir(parents=True)
-    (d / "args.json").write_text(json.dumps(args))
-    torch.manual_seed(seed)
-    model = OfficialMDM(mdm_config_from_args(args))
-    torch.save(model.state_dict(), d / "model000050000.pt")
-    return d
+from official_helpers import make_clip_weights, make_release  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def official(tiny_assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("official")
-    from open_clip.model import CLIPTextCfg, _build_text_tower
-    from safetensors.torch import save_file
-    torch.manual_seed(1)
-    tower = _build_text_tower(512, CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=1),
-                              quick_gelu=True)
-    clip = root / "open_clip_model.safetensors"
-    save_file({k: v.contiguous() for k, v in tower.state_dict().items() if k != "attn_mask"}, str(clip))
+    clip = make_clip_weights(root / "open_clip_model.safetensors")
     return {**tiny_assets, "release": make_release(root / "save" / "humanml_tiny"), "clip": clip}
 
 

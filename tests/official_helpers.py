@@ -1,0 +1,64 @@
+"""Shared by the official-model tests: a released-MDM save directory, small CLIP text-tower
+weights, and a HumanML3D-layout directory made from the real clip in ../shared (and its mirror)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "humanml3d-sample"
+
+RELEASE_ARGS = {"dataset": "humanml", "arch": "trans_enc", "latent_dim": 32, "layers": 1,
+                "diffusion_steps": 50, "noise_schedule": "cosine", "cond_mask_prob": 0.1,
+                "pos_embed_max_len": 1000, "text_encoder_type": "clip", "emb_trans_dec": False,
+                "mask_frames": False}
+
+
+def make_release(d: Path, args: dict = RELEASE_ARGS, seed: int = 0) -> Path:
+    """A save directory as the release writes it: args.json and model<step>.pt (the state dict
+    without CLIP, the positional tables included)."""
+    from sopo_ext.official.mdm import OfficialMDM
+    from sopo_ext.official.release import mdm_config_from_args
+    d.mkdir(parents=True)
+    (d / "args.json").write_text(json.dumps(args))
+    torch.manual_seed(seed)
+    torch.save(OfficialMDM(mdm_config_from_args(args)).state_dict(), d / "model000050000.pt")
+    return d
+
+
+def make_clip_weights(path: Path, seed: int = 1) -> Path:
+    """Random weights of a one-layer, 64-wide CLIP text tower (the encoder reads the shape off
+    the file): CLIP's tokenizer and pooling with a test-sized model."""
+    from open_clip.model import CLIPTextCfg, _build_text_tower
+    from safetensors.torch import save_file
+    torch.manual_seed(seed)
+    tower = _build_text_tower(512, CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1,
+                                               layers=1), quick_gelu=True)
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items() if k != "attn_mask"}, str(path))
+    return path
+
+
+def sample_humanml3d_dir(root: Path) -> Path:
+    """HumanML3D's layout around the real clip 012314 and its mirror M012314 (the mirror made by
+    sopo_ext.data.skeleton.mirror_features, as HumanML3D's own M files are): the real Mean/Std,
+    captions (whole clip and three segments each, so 8 samples), and one split file per split
+    holding both ids. For pipeline conformance on real features, not for measuring anything."""
+    from sopo_ext.data.skeleton import mirror_features
+    feats = np.load(SAMPLE_DIR / "new_joint_vecs" / "012314.npy")
+    (root / "new_joint_vecs").mkdir(parents=True)
+    (root / "texts").mkdir()
+    np.save(root / "new_joint_vecs" / "012314.npy", feats)
+    np.save(root / "new_joint_vecs" / "M012314.npy",
+            mirror_features(torch.from_numpy(feats)).numpy().astype(np.float32))
+    for stat in ("Mean.npy", "Std.npy"):
+        np.save(root / stat, np.load(SAMPLE_DIR / stat))
+    lines = {"012314": ("a person moves the left arm", "left"), "M012314": ("a person moves the right arm", "right")}
+    for cid, (cap, side) in lines.items():
+        tags = f"a/DET person/NOUN move/VERB the/DET {side}/ADJ arm/NOUN"
+        segs = ["0.0#0.0", "0.0#4.0", "2.0#6.0", "4.0#8.5"]
+        (root / "texts" / f"{cid}.txt").write_text("".join(f"{cap}#{tags}#{s}\n" for s in segs))
+    for split in ("train", "val", "test"):
+        (root / f"{split}.txt").write_text("012314\nM012314\n")
+    return root
