@@ -55,6 +55,8 @@ from .sampling import diffusion_from_meta
 
 __all__ = ["main", "parse_args", "run", "format_table"]
 
+T2M_PREFIX = "t2m-official:"
+
 
 def _multimodality(model, diffusion, evaluator, batches, args, device) -> float:
     """--mm-captions captions, --mm-repeats generations each, 10 random pairs per caption."""
@@ -105,8 +107,13 @@ def run(args) -> Dict[str, Dict[str, float]]:
     if family(base) not in ("mdm", "mld"):
         raise ValueError(f"--ckpt must be an 'mdm' or 'mld' backbone, got a {base.kind!r} checkpoint")
     ckpt_io.check_normalization(base, split.mean, split.std_safe, what=what)
-    ev = ckpt_io.load_checkpoint(args.evaluator, "evaluator")
-    ckpt_io.check_normalization(ev, split.mean, split.std_safe, what=what)
+    if args.evaluator.startswith(T2M_PREFIX):  # the standard T2M evaluator, in its release's files
+        from .official.t2m import load_t2m_evaluator
+        t2m = load_t2m_evaluator(args.evaluator[len(T2M_PREFIX):]).set_data_normalization(split.mean, split.std_safe)
+        ev = ckpt_io.Checkpoint(model=t2m, kind=t2m.kind, config=None, meta={}, path=Path(t2m.source))
+    else:
+        ev = ckpt_io.load_checkpoint(args.evaluator, "evaluator")
+        ckpt_io.check_normalization(ev, split.mean, split.std_safe, what=what)
     rw = None
     if is_oracle(args.reward):
         raise ValueError("--reward oracle is a training-time diagnostic (python -m sopo_ext.train "
@@ -148,8 +155,13 @@ def run(args) -> Dict[str, Dict[str, float]]:
     t0 = time.perf_counter()
     for r in range(args.replications):
         batches = batcher.eval_batches(32, epoch=r)  # each replication draws its own captions
-        if args.samples:
-            batches = batches[:max(1, -(-args.samples // 32))]
+        if args.samples and args.samples < len(split):
+            if args.random_subset:  # the original: the first N of a shuffled loader, anew each time
+                pick = np.random.default_rng([args.seed, r, 11]).permutation(len(split))[:args.samples]
+                batches = [batcher.collate(sorted(pick[i:i + 32].tolist()), epoch=r)
+                           for i in range(0, len(pick), 32)]
+            else:
+                batches = batches[:max(1, -(-args.samples // 32))]
         gen = generate_split(model, diffusion, batches, steps=args.steps, guidance_scale=args.guidance,
                              seed=args.seed + r)
         m = generation_metrics(gen, batches, evaluator, reward, tau=args.tau, seed=args.seed + r)
@@ -191,7 +203,10 @@ def parse_args(argv=None):
     a("--ckpt", default="mdm", help="backbone checkpoint directory or bundled name (mdm, mld)")
     a("--data", default="builtin")
     a("--split", default="test")
-    a("--evaluator", default="evaluator", help="evaluator checkpoint (default: bundled)")
+    a("--evaluator", default="evaluator", help="evaluator checkpoint (default: bundled), or "
+      "t2m-official:DIR for the standard T2M evaluator from its released files (DIR: MDM's repository "
+      "root after prepare/download_t2m_evaluators.sh and download_glove.sh); with it the defaults "
+      "become the original protocol's: 20 replications of 1000 random samples, MultiModality 100 x 30")
     a("--reward", default="reward", help="reward checkpoint (default: bundled; 'none' skips)")
     a("--also-reward", action="append", default=[], metavar="NAME",
       help="also score the generated motions with this reward model (repeatable): its mean reward "
@@ -201,12 +216,19 @@ def parse_args(argv=None):
       "(default: downloaded from the Hugging Face hub on first use)")
     a("--mask-frames", default=None, action=argparse.BooleanOptionalAction,
       help="a released MDM: mask padded frames in attention (default: as its args.json says)")
-    a("--replications", type=int, default=3)
-    a("--samples", type=int, default=None, help="first N samples of the split per replication")
+    a("--replications", type=int, default=None,
+      help="default 3; 20 with the T2M evaluator, as the original")
+    a("--samples", type=int, default=None, help="N samples of the split per replication: the first N "
+      "(default: all), or N random ones per replication with --random-subset (the T2M evaluator's "
+      "default: 1000 random)")
+    a("--random-subset", default=None, action=argparse.BooleanOptionalAction,
+      help="with --samples: a new random subset per replication, as the original's shuffled loader")
     a("--steps", type=int, default=50, help="DDIM steps")
     a("--guidance", type=float, default=2.5, help="classifier-free guidance scale")
-    a("--mm-captions", type=int, default=30, help="MultiModality captions (original: 100; 0 skips)")
-    a("--mm-repeats", type=int, default=10, help="generations per MultiModality caption (original: 30)")
+    a("--mm-captions", type=int, default=None, help="MultiModality captions (default 30; the original "
+      "and the T2M evaluator's default: 100; 0 skips)")
+    a("--mm-repeats", type=int, default=None, help="generations per MultiModality caption (default 10; "
+      "the original and the T2M evaluator's default: 30)")
     a("--tau", type=float, default=0.45)
     a("--max-len", type=int, default=196)
     a("--seed", type=int, default=0)
@@ -214,6 +236,12 @@ def parse_args(argv=None):
     a("--device", default="auto")
     a("--threads", type=int, default=None)
     args = ap.parse_args(argv)
+    # the protocol's sizes: sized for a CPU by default, the original's with the T2M evaluator
+    official = args.evaluator.startswith(T2M_PREFIX)
+    for k, ours, original in (("replications", 3, 20), ("mm_captions", 30, 100), ("mm_repeats", 10, 30),
+                              ("samples", None, 1000), ("random_subset", False, True)):
+        if getattr(args, k) is None:
+            setattr(args, k, original if official else ours)
     for k in ("replications", "steps"):
         if getattr(args, k) < 1:
             raise SystemExit(f"error: --{k} must be >= 1, got {getattr(args, k)}")

@@ -3,11 +3,14 @@ weights, and a HumanML3D-layout directory made from the real clip in ../shared (
 from __future__ import annotations
 
 import json
+import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
+FIX = Path(__file__).resolve().parent / "fixtures" / "official"
 SAMPLE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "humanml3d-sample"
 
 RELEASE_ARGS = {"dataset": "humanml", "arch": "trans_enc", "latent_dim": 32, "layers": 1,
@@ -61,4 +64,26 @@ def sample_humanml3d_dir(root: Path) -> Path:
         (root / "texts" / f"{cid}.txt").write_text("".join(f"{cap}#{tags}#{s}\n" for s in segs))
     for split in ("train", "val", "test"):
         (root / f"{split}.txt").write_text("012314\nM012314\n")
+    return root
+
+
+def _t2m_meta() -> dict:
+    return json.loads((FIX / "t2m_small.json").read_text())
+
+
+def t2m_release_layout(root: Path, mean=None, std=None, layout="mdm") -> Path:
+    """The files as a user of MDM has them: t2m/text_mot_match/model/finest.tar, glove/our_vab_*,
+    dataset/t2m_mean.npy / t2m_std.npy (layout 'mdm') or t2m/Comp_v6_KLD01/meta (layout 'meta')."""
+    (root / "t2m" / "text_mot_match" / "model").mkdir(parents=True)
+    shutil.copy(FIX / "t2m_small_finest.tar", root / "t2m" / "text_mot_match" / "model" / "finest.tar")
+    (root / "glove").mkdir()
+    np.save(root / "glove" / "our_vab_data.npy", np.asarray(_t2m_meta()["vectors"], dtype=np.float32))
+    pickle.dump(_t2m_meta()["words"], open(root / "glove" / "our_vab_words.pkl", "wb"))
+    pickle.dump({w: i for i, w in enumerate(_t2m_meta()["words"])}, open(root / "glove" / "our_vab_idx.pkl", "wb"))
+    mean = np.zeros(263, np.float32) if mean is None else mean
+    std = np.ones(263, np.float32) if std is None else std
+    d = root / "dataset" if layout == "mdm" else root / "t2m" / "Comp_v6_KLD01" / "meta"
+    d.mkdir(parents=True)
+    np.save(d / ("t2m_mean.npy" if layout == "mdm" else "mean.npy"), mean)
+    np.save(d / ("t2m_std.npy" if layout == "mdm" else "std.npy"), std)
     return root

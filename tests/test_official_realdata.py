@@ -12,11 +12,12 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from official_helpers import SAMPLE_DIR, make_clip_weights, make_release, sample_humanml3d_dir  # noqa: E402
+from official_helpers import (SAMPLE_DIR, make_clip_weights, make_release, sample_humanml3d_dir,  # noqa: E402
+                              t2m_release_layout)
 from tiny_configs import TINY  # noqa: E402
 
 from sopo_ext import checkpoint as C  # noqa: E402
-from sopo_ext import pretrain, train  # noqa: E402
+from sopo_ext import evaluate, pretrain, train  # noqa: E402
 from sopo_ext.data.humanml3d import HumanML3D  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not (SAMPLE_DIR / "new_joint_vecs" / "012314.npy").is_file(),
@@ -58,3 +59,18 @@ def test_train_the_released_mdm_on_real_features(real, tmp_path, capsys):
     assert len([r for r in rows if r.get("loss")]) == 3
     assert all(math.isfinite(float(r["loss"])) for r in rows if r.get("loss"))
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    # and the standard evaluation of the fine-tune, with the T2M evaluator in its release's layout
+    t2m = t2m_release_layout(tmp_path / "mdm-repo")
+    j = tmp_path / "eval.json"
+    rc = evaluate.main(["--ckpt", str(out / "model"), "--clip-weights", str(real["clip"]), "--data",
+                        str(real["data"]), "--evaluator", f"t2m-official:{t2m}", "--reward", str(real["reward"]),
+                        "--replications", "2", "--mm-captions", "2", "--mm-repeats", "2", "--steps", "2",
+                        "--json", str(j), "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    doc = json.loads(j.read_text())
+    assert doc["replications"] == 2 and len(doc["per_replication"]["MM-Dist"]) == 2
+    for k in ("MM-Dist", "Diversity", "MultiModality", "detail accuracy", "judged details"):
+        if k == "judged details":
+            assert k not in doc["summary"]  # a real directory has no ground-truth specs
+        else:
+            assert math.isfinite(doc["summary"][k]["mean"]), k
