@@ -89,6 +89,8 @@ class SoPoConfig:
     clip_weights: Optional[str] = _f(None, "mdm-official: a local copy of CLIP ViT-B/32's weights "
                                      "(open_clip_model.safetensors of timm/vit_base_patch32_clip_224.openai; "
                                      "default: downloaded from the Hugging Face hub on first use)")
+    distilbert: str = _f("distilbert-base-uncased", "--reward tmr-official:DIR: the DistilBERT its "
+                         "text side reads (a Hugging Face name, downloaded on first use, or a local copy)")
     mask_frames: Optional[bool] = _f(None, "mdm-official: mask padded frames in attention (default: "
                                      "what the release's args.json says; the paper's humanml_trans_enc_512 "
                                      "does not mask, its 50-step models do)")

@@ -120,20 +120,26 @@ def run(args) -> Dict[str, Dict[str, float]]:
                          "--reward oracle); the evaluation reports what it measures directly as "
                          "'judged details' on the built-in data. Evaluate with a reward model "
                          "(the default, a bundled name or a checkpoint) or 'none'")
+    from .official.tmr import is_official_tmr, official_reward_checkpoint
+
+    def load_reward(spec):
+        if is_official_tmr(spec):  # the released TMR, in its own normalization
+            return official_reward_checkpoint(spec, split.mean, split.std_safe)
+        c = ckpt_io.load_checkpoint(spec, "tmr")
+        ckpt_io.check_normalization(c, split.mean, split.std_safe, what=what)
+        return c
     if args.reward != "none":
-        rw = ckpt_io.load_checkpoint(args.reward, "tmr")
-        ckpt_io.check_normalization(rw, split.mean, split.std_safe, what=what)
+        rw = load_reward(args.reward)
     also, also_ckpts = [], []
     for name in args.also_reward:
         if is_oracle(name) or name == "none":
             raise ValueError(f"--also-reward {name!r}: give a reward model (a bundled name or a "
                              "checkpoint); the oracle's view is 'judged details'")
-        extra = ckpt_io.load_checkpoint(name, "tmr")
-        ckpt_io.check_normalization(extra, split.mean, split.std_safe, what=what)
+        extra = load_reward(name)
         also.append((name, extra.model.to(device).eval()))
         also_ckpts.append((extra, name))
     from .models.text import get_text_encoder
-    from .trainer import backbone_text_spec
+    from .trainer import backbone_text_spec, text_encoder_kw
     enc = get_text_encoder(backbone_text_spec(base.meta.get("text_encoder") or args.text_encoder, args.clip_weights))
     # the reward's own text encoder when it is not the backbone's (a released MDM reads CLIP)
     reward_names = {c.meta.get("text_encoder") for c in [rw] + [x for x, _ in also_ckpts] if c is not None} - {None}
@@ -142,7 +148,8 @@ def run(args) -> Dict[str, Dict[str, float]]:
                          f"evaluate them in separate runs")
     reward_enc, base_name = enc, base.meta.get("text_encoder")
     if reward_names and base_name is not None and base_name not in reward_names:
-        reward_enc = get_text_encoder(reward_names.pop())
+        rname = reward_names.pop()
+        reward_enc = get_text_encoder(rname, **text_encoder_kw(rname, args.distilbert))
     batcher = MotionTextBatches(split, enc, batch_size=32, seed=args.seed, drop_last=False,
                                 reward_text_encoder=reward_enc if reward_enc is not enc else None)
     model, diffusion = base.model.to(device).eval(), diffusion_from_meta(base.meta)
@@ -207,11 +214,14 @@ def parse_args(argv=None):
       "t2m-official:DIR for the standard T2M evaluator from its released files (DIR: MDM's repository "
       "root after prepare/download_t2m_evaluators.sh and download_glove.sh); with it the defaults "
       "become the original protocol's: 20 replications of 1000 random samples, MultiModality 100 x 30")
-    a("--reward", default="reward", help="reward checkpoint (default: bundled; 'none' skips)")
+    a("--reward", default="reward", help="reward checkpoint (default: bundled; 'none' skips), or "
+      "tmr-official:DIR for the released TMR (its run directory, models/tmr_humanml3d_guoh3dfeats)")
     a("--also-reward", action="append", default=[], metavar="NAME",
       help="also score the generated motions with this reward model (repeatable): its mean reward "
            "and detail accuracy / margin, keys suffixed ' [NAME]'")
     a("--text-encoder", default="minilm")
+    a("--distilbert", default="distilbert-base-uncased", help="--reward tmr-official:DIR: the DistilBERT "
+      "its text side reads (a Hugging Face name or a local copy)")
     a("--clip-weights", default=None, help="a released MDM's CLIP ViT-B/32 weights, a local file "
       "(default: downloaded from the Hugging Face hub on first use)")
     a("--mask-frames", default=None, action=argparse.BooleanOptionalAction,

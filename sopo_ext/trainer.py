@@ -124,6 +124,11 @@ def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float)
 
 
 
+def text_encoder_kw(name: str, distilbert: Optional[str]) -> dict:
+    """Constructor arguments of a named text encoder: the released TMR's reads ``--distilbert``."""
+    return {"distilbert": distilbert} if name.startswith("tmr-official:") and distilbert else {}
+
+
 def backbone_text_spec(name: str, clip_weights: Optional[str] = None) -> str:
     """The text encoder a backbone names, with ``--clip-weights`` for the released MDM's CLIP."""
     if name == "mdm-clip" and clip_weights:
@@ -255,7 +260,11 @@ class SoPoTrainer:
                               "diagnostic upper bound); it needs the ground truth of the built-in "
                               "data (specs.json), which --data has not got")
         reward_spec = oracle_embeddings(cfg.reward) if oracle else cfg.reward
-        reward_c = self._checkpoint(self._given["reward"], reward_spec, "reward", "tmr")
+        from .official.tmr import is_official_tmr, official_reward_checkpoint
+        if self._given["reward"] is None and is_official_tmr(reward_spec):  # the released TMR
+            reward_c = official_reward_checkpoint(reward_spec, self.mean, self.std)
+        else:
+            reward_c = self._checkpoint(self._given["reward"], reward_spec, "reward", "tmr")
         skip = (self._given["evaluator"] or cfg.evaluator) == "none"
         evaluator_c = None if skip else self._checkpoint(self._given["evaluator"], cfg.evaluator,
                                                         "evaluator", "evaluator")
@@ -269,7 +278,7 @@ class SoPoTrainer:
                                                                     cfg.clip_weights))
             if reward_name is not None and base_name is not None and reward_name != base_name:
                 # e.g. a released MDM reads CLIP features, the bundled reward MiniLM ones
-                self.reward_text_encoder = get_text_encoder(reward_name)
+                self.reward_text_encoder = get_text_encoder(reward_name, **text_encoder_kw(reward_name, cfg.distilbert))
         self.diffusion = diffusion_from_meta(self.base.meta)
         self.policy = self.base.model.to(device)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
