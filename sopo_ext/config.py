@@ -89,6 +89,8 @@ class SoPoConfig:
     clip_weights: Optional[str] = _f(None, "mdm-official: a local copy of CLIP ViT-B/32's weights "
                                      "(open_clip_model.safetensors of timm/vit_base_patch32_clip_224.openai; "
                                      "default: downloaded from the Hugging Face hub on first use)")
+    clip_precision: str = _f("fp32", "mdm-official: CLIP's matrices in fp16 (the release's numerics on "
+                             "its GPU) or fp32", choices=("fp32", "fp16"))
     distilbert: str = _f("distilbert-base-uncased", "--reward tmr-official:DIR: the DistilBERT its "
                          "text side reads (a Hugging Face name, downloaded on first use, or a local copy)")
     mask_frames: Optional[bool] = _f(None, "mdm-official: mask padded frames in attention (default: "

@@ -140,7 +140,8 @@ def run(args) -> Dict[str, Dict[str, float]]:
         also_ckpts.append((extra, name))
     from .models.text import get_text_encoder
     from .trainer import backbone_text_spec, text_encoder_kw
-    enc = get_text_encoder(backbone_text_spec(base.meta.get("text_encoder") or args.text_encoder, args.clip_weights))
+    spec = backbone_text_spec(base.meta.get("text_encoder") or args.text_encoder, args.clip_weights)
+    enc = get_text_encoder(spec, **text_encoder_kw(spec, args.distilbert, args.clip_precision))
     # the reward's own text encoder when it is not the backbone's (a released MDM reads CLIP)
     reward_names = {c.meta.get("text_encoder") for c in [rw] + [x for x, _ in also_ckpts] if c is not None} - {None}
     if len(reward_names) > 1:
@@ -222,6 +223,8 @@ def parse_args(argv=None):
     a("--text-encoder", default="minilm")
     a("--distilbert", default="distilbert-base-uncased", help="--reward tmr-official:DIR: the DistilBERT "
       "its text side reads (a Hugging Face name or a local copy)")
+    a("--clip-precision", default="fp32", choices=("fp32", "fp16"),
+      help="a released MDM: CLIP's matrices in fp16 (the release's numerics on its GPU) or fp32")
     a("--clip-weights", default=None, help="a released MDM's CLIP ViT-B/32 weights, a local file "
       "(default: downloaded from the Hugging Face hub on first use)")
     a("--mask-frames", default=None, action=argparse.BooleanOptionalAction,

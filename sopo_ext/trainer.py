@@ -124,9 +124,14 @@ def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float)
 
 
 
-def text_encoder_kw(name: str, distilbert: Optional[str]) -> dict:
-    """Constructor arguments of a named text encoder: the released TMR's reads ``--distilbert``."""
-    return {"distilbert": distilbert} if name.startswith("tmr-official:") and distilbert else {}
+def text_encoder_kw(name: str, distilbert: Optional[str] = None, clip_precision: Optional[str] = None) -> dict:
+    """Constructor arguments of a named text encoder: the released TMR's reads ``--distilbert``,
+    the released MDM's CLIP ``--clip-precision``."""
+    if name.startswith("tmr-official:") and distilbert:
+        return {"distilbert": distilbert}
+    if name.startswith("mdm-clip") and clip_precision:
+        return {"precision": clip_precision}
+    return {}
 
 
 def backbone_text_spec(name: str, clip_weights: Optional[str] = None) -> str:
@@ -274,8 +279,8 @@ class SoPoTrainer:
         else:
             from .models.text import get_text_encoder
             base_name, reward_name = self.base.meta.get("text_encoder"), reward_c.meta.get("text_encoder")
-            self.text_encoder = get_text_encoder(backbone_text_spec(base_name or reward_name or cfg.text_encoder,
-                                                                    cfg.clip_weights))
+            spec = backbone_text_spec(base_name or reward_name or cfg.text_encoder, cfg.clip_weights)
+            self.text_encoder = get_text_encoder(spec, **text_encoder_kw(spec, cfg.distilbert, cfg.clip_precision))
             if reward_name is not None and base_name is not None and reward_name != base_name:
                 # e.g. a released MDM reads CLIP features, the bundled reward MiniLM ones
                 self.reward_text_encoder = get_text_encoder(reward_name, **text_encoder_kw(reward_name, cfg.distilbert))
