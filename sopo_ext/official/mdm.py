@@ -41,10 +41,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ._tables import sinusoid_table
 from ..models.layers import (check_mask, check_motion, check_timesteps, require_activation,
                              require_divisible, require_positive_int, require_probability)
 
@@ -108,12 +108,7 @@ class PositionalEncoding(nn.Module):
     def __init__(self, d_model: int, dropout: float, max_len: int):
         super().__init__()
         self.dropout = nn.Dropout(p=dropout)
-        pe = torch.zeros(max_len, d_model)
-        position = torch.arange(0, max_len, dtype=torch.float).unsqueeze(1)
-        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-np.log(10000.0) / d_model))
-        pe[:, 0::2] = torch.sin(position * div_term)
-        pe[:, 1::2] = torch.cos(position * div_term)
-        self.register_buffer("pe", pe.unsqueeze(0).transpose(0, 1))
+        self.register_buffer("pe", sinusoid_table(max_len, d_model))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(x + self.pe[:x.shape[0], :])

@@ -28,13 +28,13 @@ import threading
 from pathlib import Path
 from typing import List, Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from ..checkpoint import CheckpointError
 from ..models.text import TextEncoder
 from ..safe_load import load_weights
+from ._tables import sinusoid_table
 
 __all__ = ["ACTORStyleEncoder", "OfficialTMR", "TMRTextEncoder", "load_tmr", "TMR_RELEASE", "TMR_PREFIX",
            "is_official_tmr", "official_reward_checkpoint"]
@@ -58,12 +58,7 @@ class PositionalEncoding(nn.Module):
     def __init__(self, d_model: int, dropout: float = 0.1, max_len: int = 5000):
         super().__init__()
         self.dropout = nn.Dropout(p=dropout)
-        pe = torch.zeros(max_len, d_model)
-        position = torch.arange(0, max_len, dtype=torch.float).unsqueeze(1)
-        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-np.log(10000.0) / d_model))
-        pe[:, 0::2] = torch.sin(position * div_term)
-        pe[:, 1::2] = torch.cos(position * div_term)
-        self.register_buffer("pe", pe.unsqueeze(0).transpose(0, 1), persistent=False)
+        self.register_buffer("pe", sinusoid_table(max_len, d_model), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.dropout(x + self.pe.permute(1, 0, 2)[:, :x.shape[1], :])
