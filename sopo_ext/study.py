@@ -434,7 +434,7 @@ def run(args) -> Dict[str, Dict[str, dict]]:
     md = (f"Made by `{made_by}`" + (" (tabulated with `--report-only`)" if args.report_only else "")
           + f": mean ± 95% Student-t interval over seeds (t_(n-1) s / sqrt(n), sample std; "
           f"'n/a' with one seed), {args.steps} training steps per run; per-seed values in "
-          f"results.json."
+          f"{name}.json."
           + (f" **Partial: {len(missing)} of {len(runs)} runs not done yet.**" if missing else "")
           + "\n\n" + table(results) + "\n\n"
           "Paired by seed: each run minus the base model evaluated at the same seed (same captions "
