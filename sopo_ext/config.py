@@ -71,8 +71,9 @@ class SoPoConfig:
                                "(MoDiPO), formerly called diffusion-dpo", choices=sorted(METHODS))
     backbone: str = _f("mdm", "the model kind: mdm (motion space) or mld (latent), or "
                        "mdm-official: the released MDM (GuyTevet/motion-diffusion-model; --base is its "
-                       "save directory or model*.pt, or a fine-tune of it)",
-                       choices=("mdm", "mld", "mdm-official"))
+                       "save directory or model*.pt, or a fine-tune of it), mld-official: the released "
+                       "MLD (ChenFengYe/motion-latent-diffusion; --base is its .ckpt)",
+                       choices=("mdm", "mld", "mdm-official", "mld-official"))
     preset: Optional[str] = _f(
         None, "official-loss: the official release's K=2, fresh noise per loss term, no CFG, "
         "50-step ancestral sampling (not its batch 64 / 196-frame padding / train-mode sampling); "
@@ -86,9 +87,10 @@ class SoPoConfig:
                                "geometric judge as the reward, a diagnostic upper bound")
     evaluator: Optional[str] = _f(None, "evaluator checkpoint (default: bundled; 'none' skips evaluation)")
     text_encoder: str = _f("minilm", "only used when the checkpoints do not name one")
-    clip_weights: Optional[str] = _f(None, "mdm-official: a local copy of CLIP ViT-B/32's weights "
-                                     "(open_clip_model.safetensors of timm/vit_base_patch32_clip_224.openai; "
-                                     "default: downloaded from the Hugging Face hub on first use)")
+    clip_weights: Optional[str] = _f(None, "a local copy of the released model's CLIP (default: downloaded "
+                                     "from the Hugging Face hub on first use): mdm-official, ViT-B/32's "
+                                     "open_clip_model.safetensors (timm/vit_base_patch32_clip_224.openai); "
+                                     "mld-official, the directory of openai/clip-vit-large-patch14")
     clip_precision: str = _f("fp32", "mdm-official: CLIP's matrices in fp16 (the release's numerics on "
                              "its GPU) or fp32", choices=("fp32", "fp16"))
     distilbert: str = _f("distilbert-base-uncased", "--reward tmr-official:DIR: the DistilBERT its "

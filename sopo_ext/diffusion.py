@@ -47,6 +47,7 @@ __all__ = ["DiffusionConfig", "GaussianDiffusion", "repeat_interleave_batch", "m
 SCHEDULES = ("cosine", "scaled_linear", "linear")
 PREDICTIONS = ("x0", "eps")
 SAMPLERS = ("ddim", "ddpm")
+SPACINGS = ("linspace", "leading")
 
 
 # ----------------------------------------------------------------------------------- config
@@ -62,6 +63,11 @@ class DiffusionConfig:
     prediction: str = "x0"
     beta_start: float = 0.00085
     beta_end: float = 0.012
+    #: which training timesteps a respaced sampler visits: "linspace" (improved-diffusion's, both
+    #: ends included: 999 ... 0) or "leading" (diffusers' DDIMScheduler with steps_offset=1 and
+    #: set_alpha_to_one=False, as the released MLD samples: 981, 961, ..., 1 for 50 of 1000, the
+    #: last step going to abar_0 instead of 1)
+    spacing: str = "linspace"
 
     def __post_init__(self) -> None:
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) \
@@ -75,6 +81,8 @@ class DiffusionConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v < 1.0:
                 raise ValueError(f"{name} must be a float in (0, 1), got {v!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
         if self.beta_start > self.beta_end:
             raise ValueError(f"beta_start ({self.beta_start}) must be <= beta_end "
                              f"({self.beta_end})")
@@ -440,15 +448,22 @@ class GaussianDiffusion:
     def sampling_timesteps(self, steps: Optional[int] = None) -> List[int]:
         """Training timesteps visited by a ``steps``-step sampler, in sampling order.
 
-        Evenly spaced over [0, T-1] including both ends (improved-diffusion's
-        ``space_timesteps`` with one section); strictly decreasing, starting at T - 1.
-        ``steps=None`` or ``steps == T`` is the full chain T-1, ..., 0.
+        ``spacing="linspace"`` (the default): evenly spaced over [0, T-1] including both ends
+        (improved-diffusion's ``space_timesteps`` with one section); strictly decreasing, starting
+        at T - 1. ``steps=None`` or ``steps == T`` is the full chain T-1, ..., 0.
+        ``spacing="leading"``: diffusers' ``(arange(steps) * (T // steps))[::-1] + 1``.
         """
         T = self.num_steps
         if steps is None:
             steps = T
         if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= T:
             raise ValueError(f"steps must be an int in [1, num_steps={T}], got {steps!r}")
+        if self.config.spacing == "leading":  # diffusers: (arange(steps) * (T // steps))[::-1] + 1
+            ratio = T // steps
+            ts = [i * ratio + 1 for i in range(steps)][::-1]
+            if ts[0] > T - 1:
+                raise ValueError(f"'leading' spacing with steps_offset 1 needs steps < num_steps={T}, got {steps}")
+            return ts
         if steps == 1:
             return [T - 1]
         stride = (T - 1) / (steps - 1)
@@ -465,7 +480,10 @@ class GaussianDiffusion:
         """
         ts = torch.tensor(self.sampling_timesteps(steps), dtype=torch.long)
         abar = self.alphas_cumprod[ts]
-        abar_prev = torch.cat([abar[1:], torch.ones(1, dtype=torch.float64)])
+        # after the last step: abar = 1 (a clean sample); diffusers' set_alpha_to_one=False ends
+        # at abar_0 instead, as the released MLD does
+        final = self.alphas_cumprod[:1] if self.config.spacing == "leading" else torch.ones(1, dtype=torch.float64)
+        abar_prev = torch.cat([abar[1:], final])
         betas = 1.0 - abar / abar_prev
         var = betas * (1.0 - abar_prev) / (1.0 - abar)
         return {"timesteps": ts, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,

@@ -98,6 +98,9 @@ def run(args) -> Dict[str, Dict[str, float]]:
     from .official.release import is_mdm_release, load_mdm_release
     if is_mdm_release(args.ckpt):  # a released MDM save directory (or its model*.pt)
         base = load_mdm_release(args.ckpt, mask_frames=args.mask_frames)
+    elif str(args.ckpt).endswith(".ckpt"):  # the released MLD's Lightning checkpoint
+        from .official.mld_backbone import load_official_mld
+        base = load_official_mld(args.ckpt)
     else:
         base = ckpt_io.load_checkpoint(args.ckpt)
         if args.mask_frames is not None:
@@ -139,9 +142,12 @@ def run(args) -> Dict[str, Dict[str, float]]:
         also.append((name, extra.model.to(device).eval()))
         also_ckpts.append((extra, name))
     from .models.text import get_text_encoder
-    from .trainer import backbone_text_spec, text_encoder_kw
+    from .trainer import backbone_text_spec, set_null_condition, text_encoder_kw
     spec = backbone_text_spec(base.meta.get("text_encoder") or args.text_encoder, args.clip_weights)
     enc = get_text_encoder(spec, **text_encoder_kw(spec, args.distilbert, args.clip_precision))
+    set_null_condition(base.model, enc)
+    if args.guidance is None:  # the backbone's own: 7.5 for the released MLD, else MDM's 2.5
+        args.guidance = float(base.meta.get("guidance", 2.5))
     # the reward's own text encoder when it is not the backbone's (a released MDM reads CLIP)
     reward_names = {c.meta.get("text_encoder") for c in [rw] + [x for x, _ in also_ckpts] if c is not None} - {None}
     if len(reward_names) > 1:
@@ -237,7 +243,8 @@ def parse_args(argv=None):
     a("--random-subset", default=None, action=argparse.BooleanOptionalAction,
       help="with --samples: a new random subset per replication, as the original's shuffled loader")
     a("--steps", type=int, default=50, help="DDIM steps")
-    a("--guidance", type=float, default=2.5, help="classifier-free guidance scale")
+    a("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the "
+      "backbone's own, 2.5; the released MLD's 7.5)")
     a("--mm-captions", type=int, default=None, help="MultiModality captions (default 30; the original "
       "and the T2M evaluator's default: 100; 0 skips)")
     a("--mm-repeats", type=int, default=None, help="generations per MultiModality caption (default 10; "

@@ -124,6 +124,13 @@ def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float)
 
 
 
+def set_null_condition(model, text_encoder) -> None:
+    """A backbone whose null condition is a caption's features (the released MLD's: ``""``)
+    gets them from the text encoder it runs with, unless it carries them already."""
+    if hasattr(model, "set_null_text") and not bool(getattr(model, "null_ready", 1)):
+        model.set_null_text(text_encoder.encode([""])[0])
+
+
 def text_encoder_kw(name: str, distilbert: Optional[str] = None, clip_precision: Optional[str] = None) -> dict:
     """Constructor arguments of a named text encoder: the released TMR's reads ``--distilbert``,
     the released MDM's CLIP ``--clip-precision``."""
@@ -136,8 +143,8 @@ def text_encoder_kw(name: str, distilbert: Optional[str] = None, clip_precision:
 
 def backbone_text_spec(name: str, clip_weights: Optional[str] = None) -> str:
     """The text encoder a backbone names, with ``--clip-weights`` for the released MDM's CLIP."""
-    if name == "mdm-clip" and clip_weights:
-        return f"mdm-clip:{clip_weights}"
+    if name in ("mdm-clip", "mld-clip") and clip_weights:
+        return f"{name}:{clip_weights}"
     if name == "mdm-bert":
         raise ConfigError("backbone", "the released DistilBERT MDM (humanml_trans_dec_512_bert) "
                           "conditions on per-token features, which the trainer's cached caption "
@@ -247,13 +254,21 @@ class SoPoTrainer:
         ``self.reward``, ``self.evaluator`` (None: no evaluation), ``self.text_encoder``,
         ``self.diffusion``."""
         cfg, device = self.config, self.device
-        if cfg.backbone == "mdm-official":  # the released MDM: its save directory, or a fine-tune of it
-            from .official.release import load_official_backbone
-            given = self._given["base"]
-            self.base = given if isinstance(given, ckpt_io.Checkpoint) else load_official_backbone(
-                given or cfg.base, mask_frames=cfg.mask_frames)
-            if self.base.kind != "mdm_official":
-                raise ckpt_io.CheckpointError(f"--backbone mdm-official: {self.base.path} holds a "
+        if cfg.backbone in ("mdm-official", "mld-official"):  # a release, or a fine-tune of one
+            given, kind = self._given["base"], cfg.backbone.replace("-", "_")
+            if isinstance(given, ckpt_io.Checkpoint):
+                self.base = given
+            elif cfg.backbone == "mdm-official":
+                from .official.release import load_official_backbone
+                self.base = load_official_backbone(given or cfg.base, mask_frames=cfg.mask_frames)
+            else:
+                from .official.mld_backbone import load_official_mld
+                if not (given or cfg.base):
+                    raise ConfigError("base", "--backbone mld-official needs --base: the released MLD's .ckpt "
+                                      "(1222_mld_humanml3d_FID041.ckpt) or a fine-tune of it")
+                self.base = load_official_mld(given or cfg.base)
+            if self.base.kind != kind:
+                raise ckpt_io.CheckpointError(f"--backbone {cfg.backbone}: {self.base.path} holds a "
                                               f"{self.base.kind!r} model")
             ckpt_io.check_normalization(self.base, self.mean, self.std, what=f"the dataset at {self.data_root}")
         else:
@@ -284,11 +299,15 @@ class SoPoTrainer:
             if reward_name is not None and base_name is not None and reward_name != base_name:
                 # e.g. a released MDM reads CLIP features, the bundled reward MiniLM ones
                 self.reward_text_encoder = get_text_encoder(reward_name, **text_encoder_kw(reward_name, cfg.distilbert))
+        set_null_condition(self.base.model, self.text_encoder)
         self.diffusion = diffusion_from_meta(self.base.meta)
         self.policy = self.base.model.to(device)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)
         if family(self.base) == "mld":  # SoPo tunes the latent denoiser; the VAE stays as pretrained
-            self.policy.vae.requires_grad_(False)
+            if hasattr(self.policy, "freeze_encoder"):  # the released MLD: its encoder, as the paper
+                self.policy.freeze_encoder()
+            else:
+                self.policy.vae.requires_grad_(False)
         self.reward = reward_c.model.to(device).eval().requires_grad_(False)
         if oracle:  # embeddings (reweighting, evaluation) from the bundled reward, scores from the judge
             self.reward = OracleReward(self.judged[0], self.mean, self.std, self.reward).to(device)

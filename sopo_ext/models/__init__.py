@@ -32,6 +32,7 @@ KINDS = {
     "evaluator": ("evaluator", "EvaluatorConfig", "MotionTextEvaluator"),
     # the released architectures (sopo_ext.official), saved by this package once fine-tuned
     "mdm_official": ("sopo_ext.official.mdm", "OfficialMDMConfig", "OfficialMDM"),
+    "mld_official": ("sopo_ext.official.mld_backbone", "OfficialMLDConfig", "OfficialMLD"),
 }
 
 

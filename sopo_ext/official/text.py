@@ -33,7 +33,8 @@ import torch
 
 from ..models.text import TextEncoder
 
-__all__ = ["MDMClipEncoder", "CLIP_HUB_REPO", "CLIP_HUB_FILE", "mdm_text_encoder"]
+__all__ = ["MDMClipEncoder", "CLIP_HUB_REPO", "CLIP_HUB_FILE", "mdm_text_encoder", "MLDClipEncoder",
+           "mld_text_encoder", "MLD_CLIP_REPO"]
 
 CLIP_HUB_REPO = "timm/vit_base_patch32_clip_224.openai"
 CLIP_HUB_FILE = "open_clip_model.safetensors"
@@ -161,3 +162,67 @@ def mdm_text_encoder(spec: str, **kw) -> MDMClipEncoder:
     if head != "mdm-clip":
         raise ValueError(f"not an MDM text encoder spec: {spec!r} (use 'mdm-clip' or 'mdm-clip:/path')")
     return MDMClipEncoder(weights=path or None, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# The released MLD's text encoder: CLIP ViT-L/14 through transformers, as MldTextEncoder
+# --------------------------------------------------------------------------------------------
+
+MLD_CLIP_REPO = "openai/clip-vit-large-patch14"
+
+
+class MLDClipEncoder(TextEncoder):
+    """Captions -> the released MLD's text features ``[N, 768]``: ``MldTextEncoder`` with
+    ``last_hidden_state: false``, i.e. ``CLIPModel.get_text_features`` of the tokens padded to
+    77 with truncation, no attention mask (CLIP's causal mask and its pooling at the first end
+    token make the padding irrelevant). ``transformers`` is what the release uses, so its
+    numerics are the release's. Weights: ``openai/clip-vit-large-patch14`` from the Hugging Face
+    hub on first use, or a local copy of that directory (the release's ``deps/clip-vit-large-patch14``)."""
+
+    def __init__(self, weights: Optional[str] = None, device: str = "cpu", batch_size: int = 128):
+        self.source = weights or MLD_CLIP_REPO
+        if weights is not None and not Path(weights).is_dir():
+            raise FileNotFoundError(f"CLIP ViT-L/14 not found: {weights} (the released MLD's text encoder: a "
+                                    f"directory with the files of https://huggingface.co/{MLD_CLIP_REPO}, "
+                                    f"the release's deps/clip-vit-large-patch14)")
+        tag = "hub" if weights is None else f"dir-{hashlib.sha256(str(Path(weights).resolve()).encode()).hexdigest()[:10]}"
+        self.name = f"mld-clip-vit-l14-{tag}"
+        self.device, self.batch_size = device, batch_size
+        self._model = None
+        self._lock = threading.Lock()
+        self.dim = 768
+
+    def load(self):
+        with self._lock:
+            if self._model is None:
+                try:
+                    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+                    tok = CLIPTokenizer.from_pretrained(self.source)
+                    model = CLIPTextModelWithProjection.from_pretrained(self.source)
+                except OSError as e:
+                    raise FileNotFoundError(
+                        f"could not load CLIP ViT-L/14 ({self.source}), the released MLD's text encoder: {e}. "
+                        f"Download https://huggingface.co/{MLD_CLIP_REPO} and pass its directory") from None
+                self._model = (tok, model.eval().requires_grad_(False).to(self.device))
+                self.dim = int(model.config.projection_dim)
+        return self._model
+
+    def _encode(self, captions: List[str]) -> torch.Tensor:
+        tok, model = self.load()
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(captions), self.batch_size):
+                # the release pads to tokenizer.model_max_length (CLIP's: 77, its position table)
+                length = min(tok.model_max_length, model.config.max_position_embeddings)
+                ids = tok(captions[i:i + self.batch_size], padding="max_length", truncation=True,
+                          max_length=length, return_tensors="pt").input_ids
+                out.append(model(input_ids=ids.to(self.device)).text_embeds.float().cpu())
+        return torch.cat(out)
+
+
+def mld_text_encoder(spec: str, **kw) -> MLDClipEncoder:
+    """``"mld-clip"`` (weights from the hub) or ``"mld-clip:/path/to/clip-vit-large-patch14"``."""
+    head, _, path = spec.partition(":")
+    if head != "mld-clip":
+        raise ValueError(f"not an MLD text encoder spec: {spec!r} (use 'mld-clip' or 'mld-clip:/dir')")
+    return MLDClipEncoder(weights=path or None, **kw)
