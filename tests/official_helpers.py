@@ -3,6 +3,7 @@ weights, and a HumanML3D-layout directory made from the real clip in ../shared (
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -11,7 +12,19 @@ import numpy as np
 import torch
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "official"
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "humanml3d-sample"
+def _sample_dir() -> Path:
+    """The real HumanML3D sample: $SOPO_EXT_HUMANML3D_SAMPLE, ../shared beside the checkout, or the
+    workplace's /work/shared (a CI clone may live elsewhere)."""
+    cands = [os.environ.get("SOPO_EXT_HUMANML3D_SAMPLE"),
+             Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "humanml3d-sample",
+             Path("/work/shared/data/humanml3d-sample")]
+    for c in cands:
+        if c and (Path(c) / "new_joint_vecs" / "012314.npy").is_file():
+            return Path(c)
+    return Path(cands[1])
+
+
+SAMPLE_DIR = _sample_dir()
 
 RELEASE_ARGS = {"dataset": "humanml", "arch": "trans_enc", "latent_dim": 32, "layers": 1,
                 "diffusion_steps": 50, "noise_schedule": "cosine", "cond_mask_prob": 0.1,
