@@ -145,7 +145,7 @@ def run(args) -> Dict[str, Dict[str, float]]:
     from .trainer import backbone_text_spec, set_null_condition, text_encoder_kw
     spec = backbone_text_spec(base.meta.get("text_encoder") or args.text_encoder, args.clip_weights)
     enc = get_text_encoder(spec, **text_encoder_kw(spec, args.distilbert, args.clip_precision))
-    set_null_condition(base.model, enc)
+    set_null_condition(base.model, enc, args.distilbert, device)
     if args.guidance is None:  # the backbone's own: 7.5 for the released MLD, else MDM's 2.5
         args.guidance = float(base.meta.get("guidance", 2.5))
     # the reward's own text encoder when it is not the backbone's (a released MDM reads CLIP)

@@ -124,17 +124,20 @@ def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float)
 
 
 
-def set_null_condition(model, text_encoder) -> None:
-    """A backbone whose null condition is a caption's features (the released MLD's: ``""``)
-    gets them from the text encoder it runs with, unless it carries them already."""
+def set_null_condition(model, text_encoder, distilbert: Optional[str] = None, device="cpu") -> None:
+    """What a released backbone needs from its text side besides the cached embeddings: the
+    released MLD's null condition (the features of ``""``), the DistilBERT MDM's DistilBERT."""
     if hasattr(model, "set_null_text") and not bool(getattr(model, "null_ready", 1)):
         model.set_null_text(text_encoder.encode([""])[0])
+    if getattr(getattr(model, "config", None), "text_encoder_type", None) == "bert":
+        from .official.text import DistilBertFeatures
+        model.attach_text_model(DistilBertFeatures(distilbert or "distilbert-base-uncased", device=str(device)))
 
 
 def text_encoder_kw(name: str, distilbert: Optional[str] = None, clip_precision: Optional[str] = None) -> dict:
     """Constructor arguments of a named text encoder: the released TMR's reads ``--distilbert``,
     the released MDM's CLIP ``--clip-precision``."""
-    if name.startswith("tmr-official:") and distilbert:
+    if (name.startswith("tmr-official:") or name.startswith("mdm-bert")) and distilbert:
         return {"distilbert": distilbert}
     if name.startswith("mdm-clip") and clip_precision:
         return {"precision": clip_precision}
@@ -145,10 +148,6 @@ def backbone_text_spec(name: str, clip_weights: Optional[str] = None) -> str:
     """The text encoder a backbone names, with ``--clip-weights`` for the released MDM's CLIP."""
     if name in ("mdm-clip", "mld-clip") and clip_weights:
         return f"{name}:{clip_weights}"
-    if name == "mdm-bert":
-        raise ConfigError("backbone", "the released DistilBERT MDM (humanml_trans_dec_512_bert) "
-                          "conditions on per-token features, which the trainer's cached caption "
-                          "embeddings do not hold yet; use a CLIP release (humanml_trans_enc_512)")
     return name
 
 # ------------------------------------------------------------------------------------ trainer
@@ -299,7 +298,7 @@ class SoPoTrainer:
             if reward_name is not None and base_name is not None and reward_name != base_name:
                 # e.g. a released MDM reads CLIP features, the bundled reward MiniLM ones
                 self.reward_text_encoder = get_text_encoder(reward_name, **text_encoder_kw(reward_name, cfg.distilbert))
-        set_null_condition(self.base.model, self.text_encoder)
+        set_null_condition(self.base.model, self.text_encoder, cfg.distilbert, device)
         self.diffusion = diffusion_from_meta(self.base.meta)
         self.policy = self.base.model.to(device)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)

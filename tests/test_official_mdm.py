@@ -133,11 +133,22 @@ def test_the_package_interface_is_the_official_forward_transposed(variant, tmp_p
         model(x_t, io["timesteps"], text[:, :10], mask)
 
 
-def test_bert_variant_asks_for_token_features(tmp_path):
+def test_bert_variant_reads_token_ids_through_an_attached_distilbert(tmp_path):
     _, io, _ = fixture("trans_dec_bert")
     model = load_mdm_release(release_dir(tmp_path, "trans_dec_bert")).model
-    with pytest.raises(ValueError, match="forward_official"):
-        model(io["x"][:, :, 0, :].permute(0, 2, 1), io["timesteps"], torch.zeros(3, 768))
+    x = io["x"][:, :, 0, :].permute(0, 2, 1)
+    with pytest.raises(ValueError, match="attach_text_model"):  # no DistilBERT given yet
+        model(x, io["timesteps"], torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="token ids and mask"):
+        model(x, io["timesteps"], torch.zeros(3, 7))
+    # the attached model's features go where the release's BERT wrapper puts them
+    feats, valid = io["text_feats"].permute(1, 0, 2), io["text_valid"]
+    model.attach_text_model(lambda ids, v: feats[:, :ids.shape[1]])
+    L = valid.shape[1]
+    tokens = torch.cat([torch.arange(3 * L).view(3, L).float(), valid.float()], dim=1)
+    with torch.no_grad():
+        out = model(x, io["timesteps"], tokens, io["mask"][:, 0, 0, :])
+    torch.testing.assert_close(out, io["out_cond"][:, :, 0, :].permute(0, 2, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_ema_releases_load_the_average_weights(tmp_path):

@@ -82,3 +82,37 @@ def test_mask_frames_and_missing_base_are_clear(official, tmp_path, capsys):
     a[a.index("--base") + 1] = str(tmp_path / "nowhere")
     assert train.main(a) == 2
     assert "motion-diffusion-model" in capsys.readouterr().err
+
+
+def test_the_distilbert_mdm_trains_on_cached_tokens(official, tmp_path, capsys):
+    """humanml_trans_dec_512_bert: the cache holds DistilBERT's tokens, the model runs the frozen
+    DistilBERT on them; its forward equals the release's on features computed as the release's
+    BERT wrapper computes them (padding to the batch's longest caption)."""
+    from test_official_tmr import tiny_distilbert
+    from sopo_ext.official.text import DistilBertFeatures, MDMBertTokens
+    bert = tiny_distilbert(tmp_path / "distilbert", 768)
+    args = {**__import__("official_helpers").RELEASE_ARGS, "arch": "trans_dec", "text_encoder_type": "bert",
+            "mask_frames": True}
+    release = make_release(tmp_path / "save" / "humanml_trans_dec_512_bert", args)
+    model = load_mdm_release(release).model
+    model.attach_text_model(DistilBertFeatures(str(bert)))
+    caps = ["a person walks forward", "a person raises the left hand slowly and turns around"]
+    tokens = MDMBertTokens(str(bert)).encode(caps)
+    from transformers import AutoModel, AutoTokenizer
+    enc = AutoTokenizer.from_pretrained(str(bert))(caps, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        feats = AutoModel.from_pretrained(str(bert))(**enc).last_hidden_state
+        x = torch.randn(2, 9, 263)
+        mask = torch.arange(9)[None] < torch.tensor([9, 6])[:, None]
+        t = torch.tensor([3, 40])
+        ours = model(x, t, tokens, mask, uncond=torch.tensor([False, True]))
+        y = {"text_embed": (feats.permute(1, 0, 2), ~enc["attention_mask"].bool()), "mask": mask[:, None, None, :]}
+        cond = model.forward_official(x.permute(0, 2, 1).unsqueeze(2), t, y)
+        unc = model.forward_official(x.permute(0, 2, 1).unsqueeze(2), t, {**y, "uncond": True})
+    torch.testing.assert_close(ours[0], cond[0, :, 0].T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[1], unc[1, :, 0].T, rtol=1e-5, atol=1e-5)
+    out = tmp_path / "run"
+    a = targv({**official, "release": release}, out, "--distilbert", str(bert))
+    assert train.main(a) == 0, capsys.readouterr().err
+    tuned = C.load_checkpoint(out / "model", "mdm_official")
+    assert tuned.config.text_encoder_type == "bert" and tuned.meta["text_encoder"] == "mdm-bert"

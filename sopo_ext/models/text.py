@@ -429,6 +429,9 @@ def get_text_encoder(name: str = "minilm", cache_dir: Union[str, os.PathLike, No
     if key.startswith("mdm-clip"):  # the released MDM's CLIP ViT-B/32 (sopo_ext.official.text)
         from ..official.text import mdm_text_encoder
         encoder: TextEncoder = mdm_text_encoder(name.strip(), **kw)
+    elif key.startswith("mdm-bert"):  # the DistilBERT MDM's tokens (sopo_ext.official.text)
+        from ..official.text import MDMBertTokens
+        encoder = MDMBertTokens(**kw)
     elif key.startswith("mld-clip"):  # the released MLD's CLIP ViT-L/14 (sopo_ext.official.text)
         from ..official.text import mld_text_encoder
         encoder = mld_text_encoder(name.strip(), **kw)

@@ -256,9 +256,8 @@ class OfficialMDM(nn.Module):
         batch, frames = x_t.shape[:2]
         check_mask(mask, batch, frames)
         t = check_timesteps(t, batch)
-        if c.text_encoder_type != "clip":
-            raise ValueError("this MDM conditions on per-token DistilBERT features: use "
-                             "forward_official(x, t, y) with y['text_embed'] = (features, mask)")
+        if c.text_encoder_type == "bert":
+            return self._forward_bert(x_t, t, text_emb, mask, uncond)
         if text_emb is None:
             text_emb = x_t.new_zeros(batch, c.clip_dim)
             uncond = torch.ones(batch, dtype=torch.bool, device=x_t.device)
@@ -270,6 +269,38 @@ class OfficialMDM(nn.Module):
              "uncond": uncond if uncond is not None else False}
         x = x_t.permute(0, 2, 1).unsqueeze(2)  # [B, 263, 1, T]
         out = self.forward_official(x, t, y)
+        return out.reshape(batch, c.input_feats, frames).permute(0, 2, 1)
+
+    # ---- the DistilBERT variant --------------------------------------------------------------
+    def attach_text_model(self, features) -> None:
+        """The frozen DistilBERT (``sopo_ext.official.text.DistilBertFeatures``) this MDM's
+        ``forward`` runs on the cached token ids; shared with every copy of the model."""
+        from .text import register_text_model
+        self._text_model_key = register_text_model(f"mdm-bert-{id(features)}", features)
+
+    def _forward_bert(self, x_t: Tensor, t: Tensor, text_emb: Optional[Tensor], mask: Optional[Tensor],
+                      uncond: Optional[Tensor]) -> Tensor:
+        """``text_emb [B, 2 L]``: DistilBERT token ids and attention mask (``MDMBertTokens``)."""
+        from .text import text_model
+        c = self.config
+        batch, frames = x_t.shape[:2]
+        if text_emb is None:  # all unconditional: zeroed features of one token, as force_mask does
+            feats = x_t.new_zeros(1, batch, c.clip_dim)
+            pad = torch.zeros(batch, 1, dtype=torch.bool, device=x_t.device)
+            uncond = torch.ones(batch, dtype=torch.bool, device=x_t.device)
+        else:
+            if text_emb.dim() != 2 or text_emb.shape[0] != batch or text_emb.shape[1] % 2:
+                raise ValueError(f"text_emb must be [B={batch}, 2 L] DistilBERT token ids and mask "
+                                 f"(sopo_ext.official.text.MDMBertTokens), got {tuple(text_emb.shape)}")
+            L = text_emb.shape[1] // 2
+            valid = text_emb[:, L:] > 0.5
+            n = max(int(valid.sum(1).max()), 1)  # the release pads to the batch's longest caption
+            ids, valid = text_emb[:, :n].round().long(), valid[:, :n]
+            feats = text_model(getattr(self, "_text_model_key", ""))(ids, valid).to(x_t.dtype).permute(1, 0, 2)
+            pad = ~valid
+        m = torch.ones(batch, frames, dtype=torch.bool, device=x_t.device) if mask is None else mask.bool()
+        y = {"text_embed": (feats, pad), "mask": m[:, None, None, :], "uncond": uncond if uncond is not None else False}
+        out = self.forward_official(x_t.permute(0, 2, 1).unsqueeze(2), t, y)
         return out.reshape(batch, c.input_feats, frames).permute(0, 2, 1)
 
     def num_parameters(self, trainable_only: bool = False) -> int:

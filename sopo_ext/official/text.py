@@ -226,3 +226,92 @@ def mld_text_encoder(spec: str, **kw) -> MLDClipEncoder:
     if head != "mld-clip":
         raise ValueError(f"not an MLD text encoder spec: {spec!r} (use 'mld-clip' or 'mld-clip:/dir')")
     return MLDClipEncoder(weights=path or None, **kw)
+
+
+# --------------------------------------------------------------------------------------------
+# The released DistilBERT MDM (humanml_trans_dec_512_bert): token ids cached, features in the model
+# --------------------------------------------------------------------------------------------
+
+BERT_MAX_TOKENS = 128  # HumanML3D captions are far shorter; a longer caption is an error, not a cut
+_TEXT_MODELS: dict = {}  # shared by a policy and its frozen copy: DistilBERT is never duplicated
+
+
+class MDMBertTokens(TextEncoder):
+    """Captions -> DistilBERT token ids and attention mask, packed as floats ``[N, 2 * 128]``.
+
+    The DistilBERT MDM reads per-token features (``[L, B, 768]`` and a padding mask), which a
+    per-caption cache of features would hold at 128 x 768 floats a caption; so the cache holds
+    the tokens, and the model runs the frozen DistilBERT on them (:class:`DistilBertFeatures`,
+    memoised: a sampling loop encodes a batch's captions once). The release tokenizes with
+    ``padding=True`` and no truncation; per-caption features do not depend on the padding, so
+    padding every caption to 128 gives the release's features."""
+
+    def __init__(self, distilbert: str = "distilbert-base-uncased"):
+        self.source = distilbert
+        tag = Path(distilbert).name if Path(distilbert).is_dir() else distilbert.replace("/", "_")
+        self.name = f"mdm-bert-tokens{BERT_MAX_TOKENS}-{tag}"
+        self.dim = 2 * BERT_MAX_TOKENS
+        self._tok = None
+
+    def _tokenizer(self):
+        if self._tok is None:
+            try:
+                from transformers import AutoTokenizer
+                self._tok = AutoTokenizer.from_pretrained(self.source)
+            except OSError as e:
+                raise FileNotFoundError(f"the DistilBERT MDM needs DistilBERT ({self.source!r}: "
+                                        f"https://huggingface.co/distilbert/distilbert-base-uncased, or a "
+                                        f"local copy, --distilbert DIR): {e}") from None
+        return self._tok
+
+    def _encode(self, captions: List[str]) -> torch.Tensor:
+        enc = self._tokenizer()(captions, padding="max_length", max_length=BERT_MAX_TOKENS, truncation=False,
+                                return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if ids.shape[1] > BERT_MAX_TOKENS:
+            n = int(mask.sum(1).argmax())
+            raise ValueError(f"caption {captions[n]!r} has {int(mask[n].sum())} DistilBERT tokens, more than "
+                             f"{BERT_MAX_TOKENS}")
+        return torch.cat([ids.float(), mask.float()], dim=1)
+
+
+class DistilBertFeatures:
+    """The frozen DistilBERT of the DistilBERT MDM: ``(ids [B, L], valid [B, L]) -> [B, L, 768]``
+    (``last_hidden_state``, as the release's ``BERT`` wrapper), the last few results memoised."""
+
+    def __init__(self, distilbert: str = "distilbert-base-uncased", device: str = "cpu", memo: int = 8):
+        try:
+            from transformers import AutoModel
+            self.model = AutoModel.from_pretrained(distilbert).eval().requires_grad_(False).to(device)
+        except OSError as e:
+            raise FileNotFoundError(f"the DistilBERT MDM needs DistilBERT ({distilbert!r}: "
+                                    f"https://huggingface.co/distilbert/distilbert-base-uncased, or a local "
+                                    f"copy, --distilbert DIR): {e}") from None
+        self.memo, self._cache = memo, {}
+
+    @torch.no_grad()
+    def __call__(self, ids: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        key = (ids.detach().cpu().numpy().tobytes(), tuple(ids.shape), str(ids.device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        dev = next(self.model.parameters()).device
+        out = self.model(input_ids=ids.to(dev), attention_mask=valid.to(dev).long()).last_hidden_state
+        out = out.to(ids.device)
+        if len(self._cache) >= self.memo:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = out
+        return out
+
+
+def register_text_model(key: str, model) -> str:
+    """Keep a frozen text model where every copy of a backbone finds it (see ``_TEXT_MODELS``)."""
+    _TEXT_MODELS[key] = model
+    return key
+
+
+def text_model(key: str):
+    if key not in _TEXT_MODELS:
+        raise ValueError("the DistilBERT MDM has no DistilBERT attached: call attach_text_model first "
+                         "(the trainer and evaluate do, from --distilbert)")
+    return _TEXT_MODELS[key]
