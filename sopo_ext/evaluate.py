@@ -133,35 +133,29 @@ def run(args) -> Dict[str, Dict[str, float]]:
         return c
     if args.reward != "none":
         rw = load_reward(args.reward)
-    also, also_ckpts = [], []
+    also = []  # (name, checkpoint) of every --also-reward
     for name in args.also_reward:
         if is_oracle(name) or name == "none":
             raise ValueError(f"--also-reward {name!r}: give a reward model (a bundled name or a "
                              "checkpoint); the oracle's view is 'judged details'")
-        extra = load_reward(name)
-        also.append((name, extra.model.to(device).eval()))
-        also_ckpts.append((extra, name))
-    from .models.text import get_text_encoder
-    from .trainer import backbone_text_spec, set_null_condition, text_encoder_kw
-    spec = backbone_text_spec(base.meta.get("text_encoder") or args.text_encoder, args.clip_weights)
-    enc = get_text_encoder(spec, **text_encoder_kw(spec, args.distilbert, args.clip_precision))
-    set_null_condition(base.model, enc, args.distilbert, device)
+        also.append((name, load_reward(name)))
+    from .official.text_side import prepare_backbone_text, text_encoders
+    base_name = base.meta.get("text_encoder")
+    # the reward's own text encoder when it is not the backbone's (a released MDM reads CLIP)
+    enc, own = text_encoders(base_name or args.text_encoder, base_name,
+                             [c.meta.get("text_encoder") for c in [rw] + [c for _, c in also] if c is not None],
+                             clip_weights=args.clip_weights, clip_precision=args.clip_precision,
+                             distilbert=args.distilbert)
+    reward_enc = own if own is not None else enc  # (a text encoder with an empty cache is falsy)
+    prepare_backbone_text(base.model, enc, args.distilbert, device)
     if args.guidance is None:  # the backbone's own: 7.5 for the released MLD, else MDM's 2.5
         args.guidance = float(base.meta.get("guidance", 2.5))
-    # the reward's own text encoder when it is not the backbone's (a released MDM reads CLIP)
-    reward_names = {c.meta.get("text_encoder") for c in [rw] + [x for x, _ in also_ckpts] if c is not None} - {None}
-    if len(reward_names) > 1:
-        raise ValueError(f"--reward and --also-reward use different text encoders {sorted(reward_names)}: "
-                         f"evaluate them in separate runs")
-    reward_enc, base_name = enc, base.meta.get("text_encoder")
-    if reward_names and base_name is not None and base_name not in reward_names:
-        rname = reward_names.pop()
-        reward_enc = get_text_encoder(rname, **text_encoder_kw(rname, args.distilbert))
     batcher = MotionTextBatches(split, enc, batch_size=32, seed=args.seed, drop_last=False,
-                                reward_text_encoder=reward_enc if reward_enc is not enc else None)
+                                reward_text_encoder=own)
     model, diffusion = base.model.to(device).eval(), diffusion_from_meta(base.meta)
     evaluator = ev.model.to(device).eval()
     reward = rw.model.to(device).eval() if rw else None
+    also_models = [(name, c.model.to(device).eval()) for name, c in also]
 
     # the built-in dataset knows what every motion does: judge the details by geometry too
     specs = judge.load_specs(root) if (Path(root) / "specs.json").is_file() else None
@@ -184,7 +178,7 @@ def run(args) -> Dict[str, Dict[str, float]]:
         if reward is not None:
             m.update(reward_detail_accuracy(reward, batches, reward_enc, gen))
             m.update({f"real {k}": v for k, v in reward_detail_accuracy(reward, batches, reward_enc).items()})
-        for name, extra in also:
+        for name, extra in also_models:
             m[f"reward [{name}]"] = float(np.nanmean(reward_of_split(extra, batches, gen)))
             m.update({f"{k} [{name}]": v for k, v in reward_detail_accuracy(extra, batches, reward_enc, gen).items()})
         for k, v in m.items():

@@ -45,7 +45,7 @@ def embed_split(model, batches: Sequence[dict], motions: Optional[Sequence[torch
     for i, b in enumerate(batches):
         x = (motions[i] if motions is not None else b["motion"]).to(dev)
         m = b["mask"].to(dev)
-        if getattr(model, "kind", None) == "evaluator" or getattr(model, "reads_tokens", False):
+        if getattr(model, "reads_tokens", False):  # an evaluator (T2M-style): word/POS tokens
             texts.append(model.encode_text(b["tokens"]).float().cpu())
         else:
             texts.append(model.encode_text(reward_text(b).to(dev)).float().cpu())

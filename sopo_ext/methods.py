@@ -77,6 +77,7 @@ from torch import Tensor, nn
 from . import functional as SF
 from .data.batches import reward_text
 from .diffusion import GaussianDiffusion, repeat_interleave_batch
+from .models import family
 from .profiling import phase
 from .reference import masked_mse
 from .rewards import is_score_reward
@@ -191,7 +192,6 @@ class PreferenceStep:
         self.policy, self.reference, self.diffusion, self.reward = policy, reference, diffusion, reward
         self.cfg = config
         self.spec = METHODS[config.method]
-        from .models import family
         self.kind = family(_unwrap(policy))  # "mdm" or "mld": the space the step works in
         if self.kind not in ("mdm", "mld"):
             raise ValueError(f"the policy must be an 'mdm' or 'mld' backbone, got {self.kind!r}")

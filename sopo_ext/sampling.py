@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from .diffusion import DiffusionConfig, GaussianDiffusion
+from .models import family
 
 __all__ = ["generate", "diffusion_from_meta"]
 
@@ -44,7 +45,6 @@ def generate(model, diffusion: GaussianDiffusion, text_emb: torch.Tensor, mask: 
                          f"got {tuple(mask.shape)}")
     kw = dict(steps=steps, sampler=sampler, eta=eta, guidance_scale=guidance_scale,
               generator=generator)
-    from .models import family
     kind = family(model)
     if kind == "mdm":
         shape = noise if noise is not None else (mask.shape[0], mask.shape[1], model.config.nfeats)

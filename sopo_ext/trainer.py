@@ -39,6 +39,7 @@ from .data.builtin import resolve_data_root
 from .data.humanml3d import HumanML3D
 from .methods import PreferenceStep, StepConfig
 from .models import family
+from .official.text_side import prepare_backbone_text, text_encoders
 from .optim import make_adamw, rng_state, set_rng_state, warmup_cosine
 from .profiling import phase, phase_times, reset_phase_times
 from .rewards import OracleReward, is_oracle, oracle_embeddings
@@ -122,33 +123,6 @@ def summary_table(before: Dict[str, float], after: Dict[str, float], tau: float)
             lines.append(f"{key:24s} {a:9.4f} {b:11.4f} {b - a:+9.4f}")
     return "\n".join(lines)
 
-
-
-def set_null_condition(model, text_encoder, distilbert: Optional[str] = None, device="cpu") -> None:
-    """What a released backbone needs from its text side besides the cached embeddings: the
-    released MLD's null condition (the features of ``""``), the DistilBERT MDM's DistilBERT."""
-    if hasattr(model, "set_null_text") and not bool(getattr(model, "null_ready", 1)):
-        model.set_null_text(text_encoder.encode([""])[0])
-    if getattr(getattr(model, "config", None), "text_encoder_type", None) == "bert":
-        from .official.text import DistilBertFeatures
-        model.attach_text_model(DistilBertFeatures(distilbert or "distilbert-base-uncased", device=str(device)))
-
-
-def text_encoder_kw(name: str, distilbert: Optional[str] = None, clip_precision: Optional[str] = None) -> dict:
-    """Constructor arguments of a named text encoder: the released TMR's reads ``--distilbert``,
-    the released MDM's CLIP ``--clip-precision``."""
-    if (name.startswith("tmr-official:") or name.startswith("mdm-bert")) and distilbert:
-        return {"distilbert": distilbert}
-    if name.startswith("mdm-clip") and clip_precision:
-        return {"precision": clip_precision}
-    return {}
-
-
-def backbone_text_spec(name: str, clip_weights: Optional[str] = None) -> str:
-    """The text encoder a backbone names, with ``--clip-weights`` for the released MDM's CLIP."""
-    if name in ("mdm-clip", "mld-clip") and clip_weights:
-        return f"{name}:{clip_weights}"
-    return name
 
 # ------------------------------------------------------------------------------------ trainer
 def cpu_has_native_bf16() -> bool:
@@ -291,14 +265,11 @@ class SoPoTrainer:
         if self._given["text_encoder"] is not None:
             self.text_encoder = self._given["text_encoder"]
         else:
-            from .models.text import get_text_encoder
             base_name, reward_name = self.base.meta.get("text_encoder"), reward_c.meta.get("text_encoder")
-            spec = backbone_text_spec(base_name or reward_name or cfg.text_encoder, cfg.clip_weights)
-            self.text_encoder = get_text_encoder(spec, **text_encoder_kw(spec, cfg.distilbert, cfg.clip_precision))
-            if reward_name is not None and base_name is not None and reward_name != base_name:
-                # e.g. a released MDM reads CLIP features, the bundled reward MiniLM ones
-                self.reward_text_encoder = get_text_encoder(reward_name, **text_encoder_kw(reward_name, cfg.distilbert))
-        set_null_condition(self.base.model, self.text_encoder, cfg.distilbert, device)
+            self.text_encoder, self.reward_text_encoder = text_encoders(
+                base_name or reward_name or cfg.text_encoder, base_name, [reward_name],
+                clip_weights=cfg.clip_weights, clip_precision=cfg.clip_precision, distilbert=cfg.distilbert)
+        prepare_backbone_text(self.base.model, self.text_encoder, cfg.distilbert, device)
         self.diffusion = diffusion_from_meta(self.base.meta)
         self.policy = self.base.model.to(device)
         self.reference = copy.deepcopy(self.policy).eval().requires_grad_(False)

@@ -234,6 +234,7 @@ class MotionTextEvaluator(nn.Module):
     compare with Euclidean distances."""
 
     kind = "evaluator"
+    reads_tokens = True  # captions as word/POS tokens (T2M), not sentence embeddings
 
     def __init__(self, config: EvaluatorConfig):
         super().__init__()

@@ -232,6 +232,20 @@ def mld_text_encoder(spec: str, **kw) -> MLDClipEncoder:
 # The released DistilBERT MDM (humanml_trans_dec_512_bert): token ids cached, features in the model
 # --------------------------------------------------------------------------------------------
 
+def load_distilbert(source: str, who: str, part: str = "model"):
+    """DistilBERT's tokenizer (``part="tokenizer"``) or frozen model, eval mode, through
+    ``transformers`` (as the released TMR and MDM load it); FileNotFoundError saying ``who``
+    needs it and where it is published when ``source`` is neither on the hub nor a local copy."""
+    try:
+        from transformers import AutoModel, AutoTokenizer
+        if part == "tokenizer":
+            return AutoTokenizer.from_pretrained(source)
+        return AutoModel.from_pretrained(source).eval().requires_grad_(False)
+    except OSError as e:
+        raise FileNotFoundError(f"{who} needs DistilBERT ({source!r}: https://huggingface.co/distilbert/"
+                                f"distilbert-base-uncased, or a local copy, --distilbert DIR): {e}") from None
+
+
 BERT_MAX_TOKENS = 128  # HumanML3D captions are far shorter; a longer caption is an error, not a cut
 _TEXT_MODELS: dict = {}  # shared by a policy and its frozen copy: DistilBERT is never duplicated
 
@@ -255,13 +269,7 @@ class MDMBertTokens(TextEncoder):
 
     def _tokenizer(self):
         if self._tok is None:
-            try:
-                from transformers import AutoTokenizer
-                self._tok = AutoTokenizer.from_pretrained(self.source)
-            except OSError as e:
-                raise FileNotFoundError(f"the DistilBERT MDM needs DistilBERT ({self.source!r}: "
-                                        f"https://huggingface.co/distilbert/distilbert-base-uncased, or a "
-                                        f"local copy, --distilbert DIR): {e}") from None
+            self._tok = load_distilbert(self.source, "the DistilBERT MDM", "tokenizer")
         return self._tok
 
     def _encode(self, captions: List[str]) -> torch.Tensor:
@@ -280,13 +288,7 @@ class DistilBertFeatures:
     (``last_hidden_state``, as the release's ``BERT`` wrapper), the last few results memoised."""
 
     def __init__(self, distilbert: str = "distilbert-base-uncased", device: str = "cpu", memo: int = 8):
-        try:
-            from transformers import AutoModel
-            self.model = AutoModel.from_pretrained(distilbert).eval().requires_grad_(False).to(device)
-        except OSError as e:
-            raise FileNotFoundError(f"the DistilBERT MDM needs DistilBERT ({distilbert!r}: "
-                                    f"https://huggingface.co/distilbert/distilbert-base-uncased, or a local "
-                                    f"copy, --distilbert DIR): {e}") from None
+        self.model = load_distilbert(distilbert, "the DistilBERT MDM").to(device)
         self.memo, self._cache = memo, {}
 
     @torch.no_grad()

@@ -180,16 +180,9 @@ class TMRTextEncoder(TextEncoder):
     def _load_bert(self):
         with self._lock:
             if self._bert is None:
-                try:
-                    from transformers import AutoModel, AutoTokenizer
-                    tok = AutoTokenizer.from_pretrained(self.distilbert)
-                    model = AutoModel.from_pretrained(self.distilbert, use_safetensors=None)
-                except OSError as e:
-                    raise FileNotFoundError(
-                        f"TMR's text encoder needs DistilBERT ({self.distilbert!r}: "
-                        f"https://huggingface.co/distilbert/distilbert-base-uncased, or a local copy "
-                        f"of it): {e}") from None
-                self._bert = (tok, model.eval().requires_grad_(False).to(self.device))
+                from .text import load_distilbert
+                self._bert = (load_distilbert(self.distilbert, "TMR's text encoder", "tokenizer"),
+                              load_distilbert(self.distilbert, "TMR's text encoder").to(self.device))
         return self._bert
 
     def token_embeddings(self, captions: List[str]):
